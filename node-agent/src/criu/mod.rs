@@ -1,0 +1,1 @@
+//! CRIU RPC client.

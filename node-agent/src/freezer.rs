@@ -1,0 +1,1 @@
+//! Freezing a job tree with the cgroup freezer.

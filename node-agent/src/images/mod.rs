@@ -1,0 +1,3 @@
+//! Image files: packing CRIU output into few large files.
+
+pub mod pack;

@@ -1,0 +1,16 @@
+//! The node agent: everything ckpt does on one node.
+//!
+//! - [`criu`]: our own client of CRIU's RPC (`criu swrk`).
+//! - [`tree`]: starting a job tree in its own PID/IPC/network namespaces.
+//! - [`freezer`]: freezing a tree with the cgroup freezer.
+//! - [`capture`]: node-local state a tree needs at restore (shm, MPI session
+//!   dirs, sizes of files it writes).
+//! - [`images`]: packing CRIU's many small image files into one file.
+
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod capture;
+pub mod criu;
+pub mod freezer;
+pub mod images;
+pub mod tree;

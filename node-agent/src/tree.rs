@@ -1,0 +1,1 @@
+//! Job trees in their own namespaces.

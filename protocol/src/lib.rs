@@ -1,0 +1,19 @@
+//! Wire messages, framing and the on-disk manifest shared by every ckpt
+//! component.
+
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod framing;
+pub mod manifest;
+
+/// ckpt's own control messages (`proto/ckpt.proto`).
+#[allow(missing_debug_implementations, clippy::all)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/ckpt.v1.rs"));
+}
+
+/// The subset of CRIU's RPC schema that ckpt speaks (`proto/criu_rpc.proto`).
+#[allow(missing_debug_implementations, clippy::all)]
+pub mod criu_pb {
+    include!(concat!(env!("OUT_DIR"), "/criu.rs"));
+}
