@@ -2,4 +2,6 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod commit;
+pub mod digest;
 pub mod store;

@@ -10,7 +10,9 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod capture;
+pub mod checkpoint;
 pub mod criu;
 pub mod freezer;
 pub mod images;
+pub mod restore;
 pub mod tree;

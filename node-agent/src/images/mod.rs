@@ -1,3 +1,4 @@
 //! Image files: packing CRIU output into few large files.
 
+pub mod beneath;
 pub mod pack;

@@ -1,1 +1,0 @@
-//! Node-local state capture.
