@@ -211,6 +211,10 @@ impl Scan {
         is_root: bool,
         rules: &CaptureRules,
     ) -> Result<(), CaptureError> {
+        // A zombie has no files, maps or memory left; CRIU dumps it as such.
+        if procfs::is_zombie(pid) {
+            return Ok(());
+        }
         for fd in procfs::fds(pid)? {
             let target = fd.target.as_bytes();
             if let Some(ino) = procfs::bracket_inode(target, b"socket:") {

@@ -52,6 +52,14 @@ fn gone_or_io(pid: i32, what: &'static str, path: &Path, e: io::Error) -> Captur
     }
 }
 
+/// Whether `pid` is a zombie (state `Z` in /proc/<pid>/stat).
+pub(crate) fn is_zombie(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').and_then(|i| s[i + 1..].split_whitespace().next().map(|st| st == "Z")))
+        .unwrap_or(false)
+}
+
 /// Children of every thread of `pid` (`/proc/<pid>/task/*/children`).
 pub(crate) fn children(pid: i32) -> Result<Vec<i32>, CaptureError> {
     let task_dir = PathBuf::from(format!("/proc/{pid}/task"));

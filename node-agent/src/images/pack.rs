@@ -233,7 +233,8 @@ impl PackWriter {
         };
         let file = fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
+            // O_NONBLOCK: a fifo swapped in after the listing must not hang us.
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(path)
             .map_err(read_err)?;
         let meta = file.metadata().map_err(read_err)?;
