@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context, Result};
 use ckpt_agent::capture::CaptureRules;
 use ckpt_agent::checkpoint::{self, DumpHooks, DumpRequest, Phase, TreeHandle};
-use ckpt_agent::criu::{Criu, NoNotify};
+use ckpt_agent::criu::{Criu, NoNotify, NotifyEvent, NotifyHandler};
 use ckpt_agent::freezer::{CgroupFreezer, Freezer};
 use ckpt_agent::restore::{self, RestoreRequest};
 use ckpt_agent::tree::{self, NetMode, TreeSpec};
@@ -81,6 +81,9 @@ pub struct Job {
     state: Mutex<State>,
     /// Held for the whole of an epoch: one checkpoint at a time.
     epoch_lock: Mutex<()>,
+    /// Serialises retention passes, which run after the reply (deleting a
+    /// GiB-sized epoch can take longer than writing one).
+    retention: Arc<Mutex<()>>,
     exited: AtomicBool,
     exit_cv: (Mutex<bool>, Condvar),
 }
@@ -109,6 +112,9 @@ struct Setup {
     key: Key,
     store: ImageStore,
     freezer: CgroupFreezer,
+    /// Keeps the tree from opening ptys, which CRIU restores only at their
+    /// node-wide index (see [`tree::PtyBan`]). Removed when dropped.
+    pty_ban: Option<tree::PtyBan>,
     node: String,
 }
 
@@ -130,13 +136,17 @@ fn setup(cfg: &Config, spec: &JobSpec) -> Result<Setup> {
         bail!("a job named {:?} is already running on this node (socket {})", spec.name, sock.display());
     }
     let freezer = CgroupFreezer::create(&format!("{}-{}", spec.name, std::process::id())).context("creating the job's freezer cgroup")?;
-    Ok(Setup { cfg: cfg.clone(), criu, key, store, freezer, node: cfg.node_name() })
+    let pty_ban = tree::PtyBan::create(&format!("{}-{}", spec.name, std::process::id())).context("creating the job's devices cgroup")?;
+    Ok(Setup { cfg: cfg.clone(), criu, key, store, freezer, pty_ban, node: cfg.node_name() })
 }
 
 /// `ckpt-job run`: start the tree and supervise it; returns the exit status.
 pub fn run(cfg: &Config, spec: JobSpec) -> Result<i32> {
     let s = setup(cfg, &spec)?;
+    let mut cgroup_guard = RemoveDirOnDrop(Some(s.freezer.dir().to_path_buf()));
     become_subreaper()?;
+    let mut env = vec![(OsString::from("CKPT_JOB"), OsString::from(&spec.name))];
+    env.extend(job_local_env(&spec)?);
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     let init = init_binary()?;
@@ -144,7 +154,7 @@ pub fn run(cfg: &Config, spec: JobSpec) -> Result<i32> {
         init,
         argv: spec.command.clone(),
         cwd: spec.cwd.clone(),
-        env: vec![(OsString::from("CKPT_JOB"), OsString::from(&spec.name))],
+        env,
         uid: spec.uid,
         gid: spec.gid,
         groups: spec.groups.clone(),
@@ -152,9 +162,10 @@ pub fn run(cfg: &Config, spec: JobSpec) -> Result<i32> {
         stdin: None,
         stdout: out_w,
         stderr: err_w,
-        cgroups: vec![s.freezer.procs_file()],
+        cgroups: std::iter::once(s.freezer.procs_file()).chain(s.pty_ban.as_ref().map(|b| b.procs_file())).collect(),
     };
     let pid = tree::spawn(&tree_spec).context("starting the job tree")?;
+    cgroup_guard.0 = None;
     drop(tree_spec); // our copies of the write ends: EOF when the tree ends
     eprintln!(
         "ckpt: job {} started (pid {pid}, {} network); checkpoints in {}",
@@ -169,6 +180,9 @@ pub fn run(cfg: &Config, spec: JobSpec) -> Result<i32> {
 /// supervise it like `run`.
 pub fn restart(cfg: &Config, mut spec: JobSpec, epoch: Option<u64>, progress: &mut ProgressFn<'_>) -> Result<i32> {
     let s = setup(cfg, &spec)?;
+    // Until a tree is in it, any early return (unknown job, refused
+    // verification, ...) must not leave the empty freezer cgroup behind.
+    let mut cgroup_guard = RemoveDirOnDrop(Some(s.freezer.dir().to_path_buf()));
     let epoch = match epoch {
         Some(e) => e,
         None => s
@@ -177,10 +191,15 @@ pub fn restart(cfg: &Config, mut spec: JobSpec, epoch: Option<u64>, progress: &m
             .ok_or_else(|| anyhow!("job {:?} has no committed checkpoint in {}", spec.name, s.store.job_dir(&spec.name).display()))?,
     };
     progress("verifying images", 0, 0);
-    s.store
-        .verify(&spec.name, epoch, &s.key)
-        .with_context(|| format!("refusing to restore epoch {epoch} of job {}", spec.name))?;
-    let manifest = s.store.load_manifest(&spec.name, epoch, Some(&s.key))?;
+    let refusing = || format!("refusing to restore epoch {epoch} of job {}", spec.name);
+    // Everything CRIU parses is verified before CRIU starts; the page files
+    // (the bulk) are verified while CRIU restores, and the restored tree is
+    // released (post-restore) only if they match, so no restored process
+    // ever runs on unverified memory.
+    let manifest = s.store.load_manifest(&spec.name, epoch, Some(&s.key)).with_context(refusing)?;
+    s.store.verify_files(&manifest, |n| !checkpoint::is_epoch_pages(n)).with_context(refusing)?;
+    tracing::info!(job = %spec.name, epoch, phase = "verified", "manifest and small images verified");
+    let mut gate = PagesGate::start(s.store.clone(), manifest.clone());
     let node = manifest
         .nodes
         .first()
@@ -195,6 +214,11 @@ pub fn restart(cfg: &Config, mut spec: JobSpec, epoch: Option<u64>, progress: &m
         ckpt_protocol::manifest::NetMode::Private { .. } => NetMode::Private,
     };
     become_subreaper()?;
+    // The restored processes keep the environment of the original run, so
+    // they use these dirs again (the local pack refills them).
+    for dir in job_local_dirs(&spec.name) {
+        prepare_job_dir(&dir, spec.uid, spec.gid)?;
+    }
 
     // New pipes stand in for the dumped stdout/stderr pipes.
     let mut readers = Vec::new();
@@ -216,12 +240,34 @@ pub fn restart(cfg: &Config, mut spec: JobSpec, epoch: Option<u64>, progress: &m
         image,
         staging: &staging,
         freezer: &s.freezer,
+        cgroups: s.pty_ban.iter().map(|b| b.procs_file()).collect(),
         stdio: writers.iter().map(|(ino, fd)| (*ino, fd.as_fd())).collect(),
     };
-    let pid = match restore::restore_tree(&req, &mut NoNotify) {
-        Ok(pid) => pid,
-        Err(e) => {
+    tracing::info!(job = %spec.name, epoch, phase = "restoring", "CRIU restore begins");
+    let restored = restore::restore_tree(&req, &mut gate);
+    tracing::info!(job = %spec.name, epoch, phase = "restored", "CRIU restore returned");
+    let verified = gate.finish();
+    let pid = match (restored, verified) {
+        (Ok(pid), Ok(())) => {
+            cgroup_guard.0 = None;
+            pid
+        }
+        (Ok(pid), Err(e)) => {
+            // Not reached: the gate refuses post-restore. Fail closed anyway.
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             let _ = s.freezer.remove();
+            remove_job_local_dirs(&spec.name);
+            return Err(anyhow!("{e}")).with_context(refusing);
+        }
+        (Err(_), Err(e)) => {
+            let _ = s.freezer.remove();
+            remove_job_local_dirs(&spec.name);
+            let _ = fs::remove_dir_all(&staging);
+            return Err(anyhow!("{e}")).with_context(refusing);
+        }
+        (Err(e), Ok(())) => {
+            let _ = s.freezer.remove();
+            remove_job_local_dirs(&spec.name);
             return Err(anyhow!("restoring epoch {epoch} of job {}: {e}\n  (CRIU's files are kept in {})", spec.name, staging.display()));
         }
     };
@@ -232,10 +278,52 @@ pub fn restart(cfg: &Config, mut spec: JobSpec, epoch: Option<u64>, progress: &m
     supervise(s, spec, pid, epoch, readers)
 }
 
+/// Verifies the page files in the background and holds the restored tree
+/// at CRIU's post-restore point until they match.
+struct PagesGate {
+    check: Option<JoinHandle<Result<(), String>>>,
+    result: Option<Result<(), String>>,
+}
+
+impl PagesGate {
+    fn start(store: ImageStore, manifest: Manifest) -> Self {
+        let check = thread::spawn(move || {
+            store.verify_files(&manifest, checkpoint::is_epoch_pages).map(|_| ()).map_err(|e| e.to_string())
+        });
+        Self { check: Some(check), result: None }
+    }
+
+    fn wait(&mut self) -> Result<(), String> {
+        if let Some(t) = self.check.take() {
+            self.result = Some(t.join().unwrap_or_else(|_| Err("page verification panicked".into())));
+        }
+        self.result.clone().unwrap_or(Ok(()))
+    }
+
+    fn finish(mut self) -> Result<(), String> {
+        self.wait()
+    }
+}
+
+impl NotifyHandler for PagesGate {
+    fn notify(&mut self, event: &NotifyEvent, _pid: i32) -> Result<(), String> {
+        match event {
+            NotifyEvent::PostRestore => {
+                tracing::info!(phase = "post-restore", "waiting for page verification");
+                let r = self.wait();
+                tracing::info!(phase = "post-restore", ok = r.is_ok(), "page verification done");
+                r
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 fn supervise(s: Setup, spec: JobSpec, pid: i32, restored_from: u64, outputs: Vec<(OwnedFd, i32)>) -> Result<i32> {
     // Before any thread starts, so that all inherit the mask and only the
     // forwarder takes these signals.
     let forward = forward_signals(pid);
+    let pty_ban = s.pty_ban;
     let last_epoch = s.store.latest_committed(&spec.name).ok().flatten().unwrap_or(0);
     let job = Arc::new(Job {
         outputs: outputs.iter().map(|(fd, _)| fd.as_raw_fd()).collect(),
@@ -258,6 +346,7 @@ fn supervise(s: Setup, spec: JobSpec, pid: i32, restored_from: u64, outputs: Vec
             stopped_at: None,
         }),
         epoch_lock: Mutex::new(()),
+        retention: Arc::new(Mutex::new(())),
         exited: AtomicBool::new(false),
         exit_cv: (Mutex::new(false), Condvar::new()),
     });
@@ -292,7 +381,12 @@ fn supervise(s: Setup, spec: JobSpec, pid: i32, restored_from: u64, outputs: Vec
     // An epoch still in flight (the tree died under it) has cleaned up by
     // the time we hold its lock.
     let _guard = lock(&job.epoch_lock);
+    let _retention = lock(&job.retention);
     let _ = job.freezer.remove();
+    drop(pty_ban);
+    // The whole tree is gone (its init was reaped last); what it left in its
+    // node-local dirs is in the image set if a checkpoint needs it.
+    remove_job_local_dirs(&job.spec.name);
     let stopped = job.lock_state().stopped_at;
     if let Some(epoch) = stopped {
         eprintln!(
@@ -302,6 +396,118 @@ fn supervise(s: Setup, spec: JobSpec, pid: i32, restored_from: u64, outputs: Vec
         return Ok(EXIT_STOPPED);
     }
     Ok(status)
+}
+
+/// Node-local scratch dirs of one job, named after it (job names are unique
+/// on a node while the job lives): `/tmp/ckpt-job.<job>` and
+/// `/dev/shm/ckpt-job.<job>`. Created at run and restart, owned by the job's
+/// owner, and removed (whole) when the tree is gone: the prefix is ckpt's.
+fn job_local_dirs(name: &str) -> [PathBuf; 2] {
+    [PathBuf::from(format!("/tmp/ckpt-job.{name}")), PathBuf::from(format!("/dev/shm/ckpt-job.{name}"))]
+}
+
+/// Environment that keeps MPI runtimes of different jobs on one node apart
+/// and restorable. Each variable is set only if the user did not set it.
+///
+/// - Inside the job's PID namespace mpirun always has the same small pid, so
+///   Open MPI's job family (a hash of host name and mpirun's pid), its
+///   session dir `/tmp/ompi.<host>.<uid>/pid.<pid>` and its shared-memory
+///   segments `/dev/shm/vader_segment.<host>.<jobid>.<rank>` would be the
+///   same for every job on the node: two jobs would share (and corrupt) one
+///   another's segments, and a restore would overwrite a live job's files.
+///   The session dir goes below `/tmp/ckpt-job.<job>` (`orte_tmpdir_base`; the
+///   capture finds it through `OMPI_MCA_orte_jobfam_session_dir`), the vader
+///   segments into `/dev/shm/ckpt-job.<job>`.
+/// - UCX (MPICH ch4:ucx) shares POSIX shared memory through
+///   `/proc/<pid>/fd/<fd>` of the peer by default; `/proc` is the host's,
+///   where the namespace's pids name other processes, so MPI_Init fails
+///   (`open(/proc/4/fd/21) failed`). By path instead, the segment stays
+///   linked while in use, in `/dev/shm/ckpt-job.<job>`, and is captured like
+///   Open MPI's.
+fn job_local_env(spec: &JobSpec) -> Result<Vec<(OsString, OsString)>> {
+    let [tmp, shm] = job_local_dirs(&spec.name);
+    let wanted: [(&str, &Path, bool); 4] = [
+        ("OMPI_MCA_orte_tmpdir_base", &tmp, true),
+        ("OMPI_MCA_btl_vader_backing_directory", &shm, true),
+        ("UCX_POSIX_USE_PROC_LINK", Path::new("n"), false),
+        ("UCX_POSIX_DIR", &shm, true),
+    ];
+    let mut env = Vec::new();
+    for (var, value, is_dir) in wanted {
+        if std::env::var_os(var).is_some() {
+            continue;
+        }
+        if is_dir {
+            prepare_job_dir(value, spec.uid, spec.gid)?;
+        }
+        env.push((OsString::from(var), value.as_os_str().to_owned()));
+    }
+    Ok(env)
+}
+
+/// Creates `dir` (mode 0700) for the job's owner, or takes over a leftover
+/// of an earlier run of the same job. Refuses a symlink or a dir owned by
+/// somebody else (`/tmp` and `/dev/shm` are world-writable).
+fn prepare_job_dir(dir: &Path, uid: u32, gid: u32) -> Result<()> {
+    use nix::fcntl::{open, OFlag};
+    use nix::sys::stat::{fstat, Mode};
+    use std::os::fd::FromRawFd;
+
+    match nix::unistd::mkdir(dir, Mode::from_bits_truncate(0o700)) {
+        Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+        Err(e) => bail!("creating the job's scratch dir {}: {e}", dir.display()),
+    }
+    let fd = open(dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+        .with_context(|| format!("opening the job's scratch dir {} (a symlink?)", dir.display()))?;
+    // SAFETY: fresh descriptor from open, owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let st = fstat(fd.as_raw_fd()).with_context(|| format!("stat {}", dir.display()))?;
+    if st.st_uid != 0 && st.st_uid != uid {
+        bail!("{} belongs to uid {}, not to the job's owner; remove it", dir.display(), st.st_uid);
+    }
+    nix::unistd::fchown(fd.as_raw_fd(), Some(nix::unistd::Uid::from_raw(uid)), Some(nix::unistd::Gid::from_raw(gid)))
+        .with_context(|| format!("chown {}", dir.display()))?;
+    nix::sys::stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(0o700)).with_context(|| format!("chmod {}", dir.display()))?;
+    Ok(())
+}
+
+fn remove_job_local_dirs(name: &str) {
+    for dir in job_local_dirs(name) {
+        // remove_dir_all never follows symlinks.
+        if let Err(e) = fs::remove_dir_all(&dir) {
+            if e.kind() != io::ErrorKind::NotFound {
+                eprintln!("ckpt: warning: could not remove {}: {e}", dir.display());
+            }
+        }
+    }
+}
+
+/// Removes an (empty) directory when dropped, unless disarmed by taking
+/// the path out: the job's freezer cgroup while no tree is in it yet.
+struct RemoveDirOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveDirOnDrop {
+    fn drop(&mut self) {
+        if let Some(d) = self.0.take() {
+            let _ = fs::remove_dir(&d);
+        }
+    }
+}
+
+/// When a dump fails on a (nearly) full filesystem, CRIU's own message is
+/// often about something else (it cannot even write its log there), so say
+/// what the real problem probably is. Looked at before the aborted epoch's
+/// files are removed.
+fn low_space_note(dir: &Path) -> Option<String> {
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    let free = u64::from(st.blocks_free()) * u64::from(st.fragment_size());
+    if free < 1 << 20 {
+        Some(format!("no space left on device: only {free} bytes are free on the filesystem of {}", dir.display()))
+    } else if st.files_free() == 0 && st.files() > 0 {
+        Some(format!("no space left on device: no free inodes on the filesystem of {}", dir.display()))
+    } else {
+        None
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -371,7 +577,7 @@ impl Job {
             }
             Err(e) => {
                 st.failed += 1;
-                st.last_error = e.to_string();
+                st.last_error = format!("{e:#}");
                 st.phase = pb::JobPhase::Running;
             }
         }
@@ -407,10 +613,15 @@ impl Job {
             Ok(d) => self.seal_and_commit(pending, &d, stop, t0, progress),
             Err(e) => {
                 let dir = pending.dir.clone();
+                let note = low_space_note(&dir);
                 if let Err(rm) = pending.abort() {
                     eprintln!("ckpt: warning: could not remove aborted epoch {}: {rm}", dir.display());
                 }
-                Err(e.into())
+                let e = anyhow::Error::from(e);
+                Err(match note {
+                    Some(n) => e.context(n),
+                    None => e,
+                })
             }
         };
         match result {
@@ -443,13 +654,15 @@ impl Job {
         progress: &mut ProgressFn<'_>,
     ) -> Result<pb::CheckpointDone> {
         let tc = Instant::now();
-        let total: u64 = dumped
-            .files
-            .iter()
-            .map(|f| fs::metadata(pending.dir.join(f)).map(|m| m.len()).unwrap_or(0))
-            .sum();
-        let mut done_bytes = 0;
-        let mut files = Vec::new();
+        let presealed: u64 = dumped.sealed.iter().map(|d| d.size).sum();
+        let total: u64 = presealed
+            + dumped
+                .files
+                .iter()
+                .map(|f| fs::metadata(pending.dir.join(f)).map(|m| m.len()).unwrap_or(0))
+                .sum::<u64>();
+        let mut done_bytes = presealed;
+        let mut files = dumped.sealed.clone();
         for f in &dumped.files {
             progress("sealing images", done_bytes, total);
             match pending.seal_file(f) {
@@ -490,9 +703,7 @@ impl Job {
         manifest.timings.total_ms = checkpoint_ms(t0.elapsed());
         let epoch = pending.epoch;
         let dir = pending.commit(&manifest, &self.key)?;
-        if let Err(e) = self.store.retain(&self.spec.name, self.spec.keep) {
-            eprintln!("ckpt: warning: retention for job {}: {e}", self.spec.name);
-        }
+        self.retain_in_background();
         Ok(pb::CheckpointDone {
             epoch,
             path: dir.display().to_string(),
@@ -501,6 +712,20 @@ impl Job {
             total_seconds: t0.elapsed().as_secs_f64(),
             stopped: stop,
         })
+    }
+
+    /// Deletes epochs beyond `keep` without delaying the checkpoint's
+    /// reply. Safe beside a new epoch: retention never touches an epoch newer
+    /// than the newest committed one, and uncommits (removes MANIFEST) before
+    /// it deletes.
+    fn retain_in_background(&self) {
+        let (store, name, keep, lock) = (self.store.clone(), self.spec.name.clone(), self.spec.keep, self.retention.clone());
+        thread::spawn(move || {
+            let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = store.retain(&name, keep) {
+                eprintln!("ckpt: warning: retention for job {name}: {e}");
+            }
+        });
     }
 
     /// Waits until every byte the tree wrote to its stdio pipes has been

@@ -461,8 +461,17 @@ impl ImageStore {
     /// listed file's existence, size and BLAKE3. All differences are
     /// reported together, each naming its file.
     pub fn verify(&self, job: &str, epoch: u64, key: &Key) -> Result<VerifyReport, StoreError> {
-        let started = Instant::now();
         let manifest = self.load_manifest(job, epoch, Some(key))?;
+        self.verify_files(&manifest, |_| true)
+    }
+
+    /// Checks size and digest of the files of an already loaded (and MAC
+    /// checked) manifest whose names pass `select`. Lets a restore check the
+    /// small images before CRIU reads them and the page files while CRIU
+    /// restores (the tree is released only once they match).
+    pub fn verify_files(&self, manifest: &Manifest, select: impl Fn(&str) -> bool) -> Result<VerifyReport, StoreError> {
+        let started = Instant::now();
+        let (job, epoch) = (manifest.job.as_str(), manifest.epoch);
         let dir = self.epoch_dir(job, epoch);
         let mut problems = Vec::new();
         let mut report = VerifyReport {
@@ -472,7 +481,7 @@ impl ImageStore {
             bytes: 0,
             seconds: 0.0,
         };
-        for (_node, want) in manifest.files() {
+        for (_node, want) in manifest.files().filter(|(_, f)| select(&f.name)) {
             let path = dir.join(&want.name);
             if let Some(problem) = check_file(&path, want)? {
                 problems.push(FileProblem { path, problem });

@@ -7,13 +7,16 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ckpt_protocol::manifest::{FileSize, NetMode as ImageNet, PipeBinding, TreeImage};
+use std::collections::BTreeMap;
+
+use ckpt_protocol::manifest::{FileDigest, FileSize, NetMode as ImageNet, PipeBinding, TreeImage};
 use nix::fcntl::{open, OFlag};
 use nix::sys::stat::Mode;
 
 use crate::capture::{self, CaptureRules};
 use crate::criu::{CgMode, Criu, CriuError, DumpOptions, NotifyHandler};
 use crate::freezer::{Freezer, FreezerError};
+use crate::images::follow::{FollowError, Followed, Follower};
 use crate::images::pack;
 use crate::tree::{self, NetMode};
 
@@ -78,11 +81,19 @@ impl std::fmt::Debug for DumpRequest<'_> {
 }
 
 /// What a dumped tree left in the epoch dir.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct DumpResult {
     pub image: TreeImage,
     /// Every file of this tree in the epoch dir (to digest and fsync).
     pub files: Vec<String>,
+    /// Files already digested and made durable (the page files, followed
+    /// during the dump), by their name in the epoch dir.
+    pub sealed: Vec<FileDigest>,
+    /// Still hashing and flushing CRIU's page files after the dump; finished
+    /// once the tree runs again, so the flush is not downtime.
+    follower: Option<Follower>,
+    /// CRIU's page files as digested during the dump, by CRIU's name.
+    followed: BTreeMap<String, Followed>,
     pub freeze_ms: f64,
     pub capture_ms: f64,
     pub dump_ms: f64,
@@ -108,6 +119,8 @@ pub enum DumpError {
     Pack { path: PathBuf, source: pack::PackError },
     #[error("{op} {path}: {source}")]
     Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Follow(#[from] FollowError),
     #[error("the job exited before it could be checkpointed")]
     Gone,
 }
@@ -140,7 +153,7 @@ pub fn dump_tree(req: &DumpRequest<'_>, hooks: &mut dyn DumpHooks, notify: &mut 
     };
     hooks.phase(Phase::Packing);
     let tp = Instant::now();
-    if let Err(e) = pack_images(req, &mut result) {
+    if let Err(e) = finish_follow(&mut result).and_then(|()| pack_images(req, &mut result)) {
         if keep_frozen {
             req.freezer.thaw()?;
         }
@@ -200,6 +213,8 @@ fn dump_frozen(
             ImageNet::Private { key: NETNS_KEY.to_string() }
         }
     };
+    // Page files are hashed and flushed while CRIU writes them.
+    let follower = Follower::start(&criu_dir, is_pages);
     req.criu.dump(&opts, notify)?;
     let dump_ms = ms(td.elapsed());
 
@@ -221,12 +236,22 @@ fn dump_frozen(
     Ok(DumpResult {
         image,
         files: local_pack.into_iter().collect(),
+        sealed: Vec::new(),
+        follower: Some(follower),
+        followed: BTreeMap::new(),
         freeze_ms,
         capture_ms,
         dump_ms,
         downtime_ms: 0.0,
         pack_ms: 0.0,
     })
+}
+
+fn finish_follow(result: &mut DumpResult) -> Result<(), DumpError> {
+    if let Some(f) = result.follower.take() {
+        result.followed = f.finish()?;
+    }
+    Ok(())
 }
 
 fn criu_dir(req: &DumpRequest<'_>) -> PathBuf {
@@ -249,12 +274,15 @@ fn pack_images(req: &DumpRequest<'_>, result: &mut DumpResult) -> Result<(), Dum
         if is_pages(&name) {
             let to = format!("{}.{}", req.prefix, name);
             fs::rename(entry.path(), req.epoch_dir.join(&to)).map_err(io_err("move", &entry.path()))?;
+            match result.followed.get(&name) {
+                Some(f) => result.sealed.push(FileDigest { name: to.clone(), size: f.size, blake3: f.blake3.clone() }),
+                None => result.files.push(to.clone()),
+            }
             pages.push(to);
         }
     }
     pages.sort();
     fs::remove_dir_all(&criu_dir).map_err(io_err("remove", &criu_dir))?;
-    result.files.extend(pages.iter().cloned());
     result.image.pages = pages;
     Ok(())
 }
@@ -262,6 +290,11 @@ fn pack_images(req: &DumpRequest<'_>, result: &mut DumpResult) -> Result<(), Dum
 /// CRIU's page data files (`pages-<n>.img`), the bulk of an image.
 pub fn is_pages(name: &str) -> bool {
     name.starts_with("pages-") && name.ends_with(".img")
+}
+
+/// A page file as named in the epoch directory (`<node>.t<id>.pages-<n>.img`).
+pub fn is_epoch_pages(name: &str) -> bool {
+    name.rsplit_once('.').is_some_and(|(stem, ext)| ext == "img" && stem.rsplit('.').next().is_some_and(|p| p.starts_with("pages-")))
 }
 
 pub(crate) fn open_dir(path: &Path) -> Result<OwnedFd, DumpError> {
@@ -275,4 +308,20 @@ pub(crate) fn open_dir(path: &Path) -> Result<OwnedFd, DumpError> {
 
 pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_file_names() {
+        assert!(is_pages("pages-1.img"));
+        assert!(!is_pages("pagemap-1.img"));
+        assert!(is_epoch_pages("n1.t0.pages-12.img"));
+        assert!(is_epoch_pages("node.with.dots.t3.pages-1.img"));
+        assert!(!is_epoch_pages("n1.t0.meta.pack"));
+        assert!(!is_epoch_pages("n1.t0.pagemap-1.img"));
+        assert!(!is_epoch_pages("n1.t0.local.pack"));
+    }
 }

@@ -25,6 +25,9 @@ pub struct RestoreRequest<'a> {
     /// A fresh, private directory for CRIU's unpacked images and its log.
     pub staging: &'a Path,
     pub freezer: &'a dyn Freezer,
+    /// More `cgroup.procs` files the restored tree joins (e.g. its
+    /// [`tree::PtyBan`]).
+    pub cgroups: Vec<PathBuf>,
     /// New write ends for the tree's stdio pipes, by the dumped pipe inode.
     pub stdio: Vec<(u64, BorrowedFd<'a>)>,
 }
@@ -70,6 +73,7 @@ pub fn restore_tree(req: &RestoreRequest<'_>, notify: &mut dyn NotifyHandler) ->
     if let Some(local) = &req.image.local_pack {
         let path = req.epoch_dir.join(local);
         let roots: Vec<&Path> = LOCAL_ROOTS.iter().map(Path::new).collect();
+        create_missing_parents(&path, &roots)?;
         pack::unpack_paths(&path, &roots).map_err(|source| RestoreError::Unpack { path, source })?;
     }
     let writable: Vec<WritableFile> = req
@@ -96,6 +100,7 @@ pub fn restore_tree(req: &RestoreRequest<'_>, notify: &mut dyn NotifyHandler) ->
     opts.notify_scripts = true;
     opts.manage_cgroups_mode = Some(CgMode::Ignore);
     opts.join_cgroup_procs = vec![req.freezer.procs_file()];
+    opts.join_cgroup_procs.extend(req.cgroups.iter().cloned());
     if let (Some(fd), ImageNet::Private { key }) = (&netns, &req.image.net) {
         opts.inherit_fd.push(InheritFd { fd: fd.as_fd(), key: key.clone() });
     }
@@ -115,4 +120,87 @@ pub fn restore_tree(req: &RestoreRequest<'_>, notify: &mut dyn NotifyHandler) ->
     }
     let outcome = req.criu.restore(&opts, notify)?;
     Ok(outcome.pid)
+}
+
+/// The parents of a local pack's entries must exist before it is unpacked;
+/// after the job ended they may not (Open MPI removes its per-user
+/// `ompi.<host>.<uid>` dir with the last session dir in it, the supervisor
+/// its per-job dirs). Creates each missing dir between an allowed root and a
+/// top-level entry of the pack, mode 0700, owned like that entry (the job's
+/// owner). Walks with `O_NOFOLLOW` from the root, so a symlink planted in a
+/// world-writable root is refused, never followed.
+fn create_missing_parents(pack_path: &Path, roots: &[&Path]) -> Result<(), RestoreError> {
+    use std::collections::BTreeSet;
+
+    let entries = pack::list(pack_path).map_err(|source| RestoreError::Unpack { path: pack_path.to_path_buf(), source })?;
+    let names: BTreeSet<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+    for e in &entries {
+        let path = Path::new(&e.name);
+        let Some(parent) = path.parent() else { continue };
+        if names.contains(parent.to_str().unwrap_or_default()) {
+            continue; // created by the pack itself, before this entry
+        }
+        let Some(root) = roots.iter().filter(|r| parent.starts_with(r)).max_by_key(|r| r.components().count()) else {
+            continue; // unpack_paths refuses it with a precise error
+        };
+        let Ok(rel) = parent.strip_prefix(root) else { continue };
+        if rel.as_os_str().is_empty() {
+            continue;
+        }
+        ensure_dirs_beneath(root, rel, e.uid, e.gid)?;
+    }
+    Ok(())
+}
+
+fn ensure_dirs_beneath(root: &Path, rel: &Path, uid: u32, gid: u32) -> Result<(), RestoreError> {
+    use std::path::Component;
+
+    use nix::errno::Errno;
+    use nix::fcntl::{openat, OFlag};
+    use nix::sys::stat::{mkdirat, Mode};
+    use nix::unistd::{fchown, Gid, Uid};
+
+    let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let io = |op: &'static str, path: &Path, e: Errno| RestoreError::Io { op, path: path.to_path_buf(), source: e.into() };
+    let own = |fd: i32| {
+        // SAFETY: fd was just returned by open/openat and is owned by nobody else.
+        unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+    };
+    let mut dir = own(nix::fcntl::open(root, dir_flags, Mode::empty()).map_err(|e| io("open", root, e))?);
+    let mut at = root.to_path_buf();
+    for c in rel.components() {
+        let Component::Normal(name) = c else {
+            return Err(RestoreError::Io {
+                op: "walk",
+                path: root.join(rel),
+                source: std::io::Error::other("not a plain relative path"),
+            });
+        };
+        at.push(name);
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&dir);
+        let next = match openat(Some(raw), name, dir_flags, Mode::empty()) {
+            Ok(fd) => own(fd),
+            Err(Errno::ENOENT) => {
+                match mkdirat(Some(raw), name, Mode::from_bits_truncate(0o700)) {
+                    Ok(()) | Err(Errno::EEXIST) => {}
+                    Err(e) => return Err(io("create directory", &at, e)),
+                }
+                let fd = own(openat(Some(raw), name, dir_flags, Mode::empty()).map_err(|e| io("open", &at, e))?);
+                fchown(std::os::fd::AsRawFd::as_raw_fd(&fd), Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
+                    .map_err(|e| io("chown", &at, e))?;
+                tracing::debug!(path = %at.display(), uid, gid, "created a missing parent of captured node-local files");
+                fd
+            }
+            Err(e @ (Errno::ELOOP | Errno::ENOTDIR)) => {
+                return Err(RestoreError::Io {
+                    op: "refusing to follow (symlink or not a directory)",
+                    path: at,
+                    source: e.into(),
+                })
+            }
+            Err(e) => return Err(io("open", &at, e)),
+        };
+        dir = next;
+    }
+    Ok(())
 }

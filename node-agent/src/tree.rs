@@ -287,3 +287,59 @@ pub fn netns_inode(pid: i32) -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
     Ok(std::fs::metadata(format!("/proc/{pid}/ns/net"))?.ino())
 }
+
+/// A devices cgroup (v1) that keeps the tree from creating pseudo-terminals
+/// (`/dev/ptmx`, char 5:2, is denied).
+///
+/// Why: a pty lives in the host's devpts, where its index is a node-wide
+/// name. CRIU restores a pty pair only at its dumped index (`tty: Unable to
+/// open dev/ptmx with specified index N` when any other session on the node
+/// holds it by then), and it cannot move it into a fresh devpts unless the
+/// tree has a mount namespace of its own. Open MPI's mpirun gives every rank
+/// a pty for stdout when it can, and silently falls back to pipes when
+/// `openpty` fails; pipes restore anywhere. Ptys the job inherits or opens
+/// by an existing path are unaffected.
+///
+/// Only cgroup v1's `devices` hierarchy is used; on a cgroup2-only host
+/// (where this needs a BPF program) [`PtyBan::create`] returns `None` and
+/// ptys stay allowed.
+#[derive(Debug)]
+pub struct PtyBan {
+    dir: PathBuf,
+}
+
+const DEVICES_V1: &str = "/sys/fs/cgroup/devices";
+
+impl PtyBan {
+    /// Creates (or reuses) `ckpt/<name>` in the devices hierarchy.
+    pub fn create(name: &str) -> io::Result<Option<Self>> {
+        let root = Path::new(DEVICES_V1);
+        if !root.join("devices.deny").exists() {
+            return Ok(None);
+        }
+        let dir = root.join("ckpt").join(name);
+        std::fs::create_dir_all(&dir)?;
+        let me = Self { dir };
+        if let Err(e) = std::fs::write(me.dir.join("devices.deny"), "c 5:2 rwm") {
+            me.remove();
+            return Err(e);
+        }
+        Ok(Some(me))
+    }
+
+    /// The file a process writes `0` to, to join the cgroup.
+    pub fn procs_file(&self) -> PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+
+    /// Best effort (the cgroup is busy until the tree is gone).
+    pub fn remove(&self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+impl Drop for PtyBan {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}

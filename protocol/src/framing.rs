@@ -81,7 +81,7 @@ mod tests {
     #[test]
     fn round_trip() {
         let req = pb::Request {
-            version: pb::Version::V1 as i32,
+            version: pb::Version::Version1 as i32,
             op: Some(pb::request::Op::Checkpoint(pb::CheckpointRequest { stop: true })),
         };
         let mut buf = Vec::new();

@@ -134,20 +134,33 @@ impl Key {
             path: path.to_path_buf(),
             source,
         };
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(create_err)?;
-        // The umask can only make the mode stricter, but an inherited ACL
-        // default could widen it; set it explicitly.
-        file.set_permissions(fs::Permissions::from_mode(0o600))
-            .map_err(create_err)?;
-        let mut text = encode_hex(&bytes);
-        text.push('\n');
-        file.write_all(text.as_bytes()).map_err(create_err)?;
-        file.sync_all().map_err(create_err)?;
+        // Written in full under a private name, then hard-linked into
+        // place: another process that finds `path` (and loads it) never
+        // sees a half-written key, and link(2) never replaces a key that
+        // somebody else created first.
+        let mut tmp_name = path.as_os_str().to_owned();
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tmp_name.push(format!(".tmp.{}.{seq}", std::process::id()));
+        let tmp = PathBuf::from(tmp_name);
+        let _ = fs::remove_file(&tmp);
+        let written = (|| {
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            // The umask can only make the mode stricter, but an inherited
+            // ACL default could widen it; set it explicitly.
+            file.set_permissions(fs::Permissions::from_mode(0o600))?;
+            let mut text = encode_hex(&bytes);
+            text.push('\n');
+            file.write_all(text.as_bytes())?;
+            file.sync_all()?;
+            fs::hard_link(&tmp, path)
+        })();
+        let _ = fs::remove_file(&tmp);
+        written.map_err(create_err)?;
         Ok(Key(bytes))
     }
 
@@ -812,6 +825,22 @@ mod tests {
             m.validate(),
             Err(ValidationError::DuplicateFile { .. })
         ));
+    }
+
+    #[test]
+    fn concurrent_key_generation_yields_one_complete_key() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("cluster.key");
+            let keys: Vec<[u8; 32]> = std::thread::scope(|s| {
+                let hs: Vec<_> = (0..8).map(|_| s.spawn(|| Key::load_or_generate(&path).map(|k| k.0))).collect();
+                hs.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
+            });
+            assert!(keys.iter().all(|k| *k == keys[0]));
+            assert_eq!(Key::load(&path).unwrap().0, keys[0]);
+            let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+            assert_eq!(names.len(), 1, "temporary files left: {names:?}");
+        }
     }
 
     #[test]

@@ -350,3 +350,234 @@ pub fn text(b: &[u8]) -> String {
 pub fn result_line(out: &str) -> Option<&str> {
     out.lines().rev().find(|l| l.starts_with("RESULT "))
 }
+
+// ---------------------------------------------------------------------------
+// Helpers for the restart / bad-input / security / CLI suites.
+
+/// Parses a command's stdout as JSON (panics with the output if it is not).
+pub fn json_of(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}):\nstdout:\n{}\nstderr:\n{}", text(&out.stdout), text(&out.stderr)))
+}
+
+impl Env {
+    /// `ckpt-job status --json NAME`, which must succeed.
+    pub fn status_json(&self, name: &str) -> serde_json::Value {
+        let out = self.ckpt(&["status", "--json", name]);
+        assert!(out.status.success(), "status --json {name} failed:\n{}", text(&out.stderr));
+        json_of(&out)
+    }
+
+    /// Host pid of a running job's root (its init), from `status --json`.
+    pub fn root_pid(&self, name: &str) -> i32 {
+        let v = self.status_json(name);
+        let pid = v["pid"].as_i64().unwrap_or_else(|| panic!("status of {name} has no pid: {v}"));
+        i32::try_from(pid).unwrap()
+    }
+
+    /// Runs a short `ckpt-job` command as another user (`setpriv`).
+    pub fn ckpt_as<S: AsRef<OsStr>>(&self, uid: u32, gid: u32, args: &[S]) -> Output {
+        let mut c = as_user(uid, gid, &ckpt_job_bin());
+        c.arg("--config").arg(&self.config).args(args).stdin(Stdio::null());
+        run_with_timeout(c, Duration::from_secs(120))
+    }
+
+    /// Like [`Env::run`], with the supervisor (and so the job) started in `cwd`.
+    pub fn run_in<S: AsRef<OsStr>>(&self, name: &str, cwd: &Path, opts: &[&str], command: &[S]) -> Job {
+        let mut c = self.cmd();
+        c.current_dir(cwd).arg("run").arg("--name").arg(name).args(opts).arg("--").args(command);
+        Job::spawn(c, self.path(), &format!("{name}.run"))
+    }
+
+    /// Epoch numbers of `job` whose directory holds a MANIFEST, oldest first.
+    pub fn committed_epochs(&self, job: &str) -> Vec<u64> {
+        committed_epochs_in(&self.ckpt_dir, job)
+    }
+
+    /// `<ckpt_dir>/<job>/<epoch 6 digits>`.
+    pub fn epoch_dir(&self, job: &str, epoch: u64) -> PathBuf {
+        self.ckpt_dir.join(job).join(format!("{epoch:06}"))
+    }
+}
+
+/// Epoch numbers of `job` under `root` whose directory holds a MANIFEST.
+pub fn committed_epochs_in(root: &Path, job: &str) -> Vec<u64> {
+    let mut v: Vec<u64> = fs::read_dir(root.join(job))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.path().join("MANIFEST").is_file())
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_unstable();
+    v
+}
+
+/// `setpriv --reuid=UID --regid=GID --clear-groups PROGRAM`.
+pub fn as_user(uid: u32, gid: u32, program: &Path) -> Command {
+    let mut c = Command::new("setpriv");
+    c.arg(format!("--reuid={uid}")).arg(format!("--regid={gid}")).arg("--clear-groups").arg(program);
+    c
+}
+
+/// Host pids of a process tree: `root` and all its descendants (threads'
+/// children included), found through `/proc/<pid>/task/*/children`.
+pub fn tree_pids(root: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut todo = vec![root];
+    while let Some(p) = todo.pop() {
+        if out.contains(&p) {
+            continue;
+        }
+        out.push(p);
+        let Ok(tasks) = fs::read_dir(format!("/proc/{p}/task")) else { continue };
+        for t in tasks.flatten() {
+            if let Ok(s) = fs::read_to_string(t.path().join("children")) {
+                todo.extend(s.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
+            }
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// The real uid of a process (`Uid:` of /proc/<pid>/status).
+pub fn proc_uid(pid: i32) -> Option<u32> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|l| l.split_whitespace().next()).and_then(|u| u.parse().ok())
+}
+
+/// Checks that `out` is a non-empty tail of `reference`, made of whole lines,
+/// and ends with the reference's RESULT line.
+pub fn assert_suffix_of(reference: &str, out: &str, what: &str) {
+    let want = result_line(reference).expect("reference has no RESULT line");
+    assert!(!out.is_empty(), "{what}: no output at all");
+    assert!(reference.ends_with(out), "{what}: output is not a suffix of the uninterrupted run\n--- got:\n{out}\n--- reference:\n{reference}");
+    assert!(out.len() == reference.len() || reference.as_bytes()[reference.len() - out.len() - 1] == b'\n', "{what}: output starts mid-line:\n{out}");
+    assert_eq!(result_line(out), Some(want), "{what}: RESULT differs");
+}
+
+/// A tmpfs mounted for one test; unmounted on drop (also when the test
+/// panics), lazily if something still holds it.
+#[derive(Debug)]
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (mount's syntax: "16m") on `path`, creating it.
+    pub fn mount(path: &Path, size: &str) -> Self {
+        fs::create_dir_all(path).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "ckpt-e2e-tmpfs"])
+            .arg(path)
+            .status()
+            .expect("running mount");
+        assert!(st.success(), "mounting a tmpfs on {} failed", path.display());
+        Self { path: path.to_path_buf() }
+    }
+
+    /// (total, available) bytes.
+    pub fn space(&self) -> (u64, u64) {
+        let s = nix::sys::statvfs::statvfs(&self.path).unwrap();
+        let f = s.fragment_size() as u64;
+        (s.blocks() as u64 * f, s.blocks_available() as u64 * f)
+    }
+
+    /// Bytes in use.
+    pub fn used(&self) -> u64 {
+        let (t, a) = self.space();
+        t - a
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount").arg(&self.path).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+    }
+}
+
+/// Sleeping processes that hold given host pids; killed on drop.
+#[derive(Debug, Default)]
+pub struct PidSquatters {
+    pub children: Vec<Child>,
+}
+
+impl PidSquatters {
+    /// Takes exactly `pid` with a `sleep 60` (root: ns_last_pid = pid-1,
+    /// then fork), retrying for a few seconds (the pid may still be a zombie,
+    /// or another process may fork in between). False if it never worked.
+    pub fn occupy(&mut self, pid: i32) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                sleep(Duration::from_millis(50));
+                continue;
+            }
+            if fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid - 1)).is_err() {
+                return false;
+            }
+            let Ok(mut c) = Command::new("sleep").arg("60").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn() else {
+                return false;
+            };
+            if c.id() as i32 == pid {
+                self.children.push(c);
+                return true;
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        false
+    }
+
+    pub fn pids(&self) -> Vec<i32> {
+        self.children.iter().map(|c| c.id() as i32).collect()
+    }
+}
+
+impl Drop for PidSquatters {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Freezer cgroups (`ckpt/<job>-<pid>`) that exist for `job`.
+pub fn job_cgroups(job: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for root in ["/sys/fs/cgroup/freezer/ckpt", "/sys/fs/cgroup/unified/ckpt", "/sys/fs/cgroup/ckpt"] {
+        if let Ok(rd) = fs::read_dir(root) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.strip_prefix(job).and_then(|r| r.strip_prefix('-')).is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit())) {
+                    out.push(e.path());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Pids of processes whose command line mentions `needle`.
+pub fn pids_mentioning(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    let me = std::process::id() as i32;
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        if pid == me {
+            continue;
+        }
+        if let Ok(c) = fs::read(e.path().join("cmdline")) {
+            if String::from_utf8_lossy(&c).contains(needle) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}

@@ -137,6 +137,10 @@ impl Default for CaptureRules {
                 "ompi.*/pid.*".to_string(),
                 // ... and of a direct launch (srun) without an HNP.
                 "ompi.*/jf.*".to_string(),
+                // Both below the per-job `orte_tmpdir_base` that ckpt-job
+                // sets (`/tmp/ckpt-job.<job>`).
+                "ckpt-job.*/ompi.*/pid.*".to_string(),
+                "ckpt-job.*/ompi.*/jf.*".to_string(),
             ],
             tmp_root: PathBuf::from("/tmp"),
             session_dir_env_vars: vec!["OMPI_MCA_orte_jobfam_session_dir".to_string()],

@@ -188,6 +188,46 @@ impl Dir {
         }
     }
 
+    /// Creates an empty FIFO under a temporary name with its mode and owner.
+    pub fn create_temp_fifo(&self, mode: u32, uid: u32, gid: u32) -> io::Result<String> {
+        loop {
+            let tmp = temp_name();
+            match nix::sys::stat::mknodat(
+                Some(self.0.as_raw_fd()),
+                OsStr::new(&tmp),
+                nix::sys::stat::SFlag::S_IFIFO,
+                Mode::from_bits_truncate(0o600),
+                0,
+            ) {
+                Ok(()) => {
+                    // Owner first: chown clears set-id bits.
+                    let set = fchownat(
+                        Some(self.0.as_raw_fd()),
+                        OsStr::new(&tmp),
+                        Some(Uid::from_raw(uid)),
+                        Some(Gid::from_raw(gid)),
+                        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                    )
+                    .and_then(|()| {
+                        nix::sys::stat::fchmodat(
+                            Some(self.0.as_raw_fd()),
+                            OsStr::new(&tmp),
+                            Mode::from_bits_truncate(mode),
+                            nix::sys::stat::FchmodatFlags::FollowSymlink,
+                        )
+                    });
+                    if let Err(e) = set {
+                        self.remove_temp(&tmp);
+                        return Err(raw_io(e));
+                    }
+                    return Ok(tmp);
+                }
+                Err(Errno::EEXIST) => continue,
+                Err(e) => return Err(raw_io(e)),
+            }
+        }
+    }
+
     /// Atomically puts `tmp` in place of `name`. A file or symlink at `name`
     /// is replaced (rename never follows it); a directory there is an error.
     pub fn replace(&self, tmp: &str, name: &str) -> io::Result<()> {

@@ -1,4 +1,5 @@
 //! Image files: packing CRIU output into few large files.
 
 pub mod beneath;
+pub mod follow;
 pub mod pack;

@@ -4,14 +4,15 @@
 //! ```text
 //! "CKPTPACK"  u32 version (= 1)
 //! entry*      u16 name_len, name (UTF-8), u32 mode, u32 uid, u32 gid,
-//!             u8 kind (0 file, 1 dir, 2 symlink), u64 size, data[size]
+//!             u8 kind (0 file, 1 dir, 2 symlink, 3 fifo), u64 size, data[size]
 //! end         an entry with name_len 0, mode/uid/gid 0, kind 0xFF, size 32,
 //!             whose data is the BLAKE3 hash of every byte before that data
 //! ```
 //!
 //! All integers are little endian; nothing may follow the end entry. `mode`
 //! holds the permission bits (`st_mode & 0o7777`); a symlink's data is its
-//! target. The trailing hash makes a pack self-checking (a truncated or
+//! target; a fifo has no data (it is recreated empty: CRIU saves what is
+//! queued in it with the process that has it open). The trailing hash makes a pack self-checking (a truncated or
 //! damaged pack is refused even where no manifest is at hand); the epoch
 //! manifest still carries its own digest of the whole file.
 //!
@@ -24,7 +25,7 @@ use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use super::beneath::{Dir, WalkError};
@@ -35,6 +36,7 @@ const IO_BUF: usize = 1 << 20;
 const KIND_FILE: u8 = 0;
 const KIND_DIR: u8 = 1;
 const KIND_SYMLINK: u8 = 2;
+const KIND_FIFO: u8 = 3;
 const KIND_END: u8 = 0xFF;
 /// Longest symlink target we accept (PATH_MAX).
 const MAX_LINK: u64 = 4096;
@@ -45,6 +47,7 @@ pub enum EntryKind {
     File,
     Dir,
     Symlink,
+    Fifo,
 }
 
 /// One entry's header, as [`list`] shows it.
@@ -367,8 +370,8 @@ pub fn pack_dir(
 }
 
 /// Packs node-local absolute paths: files, directories (recursively, each
-/// before its content) and symlinks (as links). Sockets, fifos and devices
-/// are skipped. A path given twice, or inside another given path, is packed
+/// before its content), symlinks (as links) and fifos (empty). Sockets and
+/// devices are skipped. A path given twice, or inside another given path, is packed
 /// once.
 pub fn pack_paths(paths: &[PathBuf], out: &Path) -> Result<PackStats, PackError> {
     let mut names = Vec::with_capacity(paths.len());
@@ -443,8 +446,12 @@ fn add_tree(w: &mut PackWriter, name: &str, seen: &mut BTreeSet<String>) -> Resu
             add_tree(w, &child, seen)?;
         }
         Ok(())
+    } else if ft.is_fifo() {
+        // A job's fifo (e.g. Open MPI's debugger_attach_fifo) must exist at
+        // restore: CRIU reopens it by path.
+        w.add_meta_only(name, &meta, KIND_FIFO, &[])
     } else {
-        tracing::debug!(path = %path.display(), "not packing a socket, fifo or device");
+        tracing::debug!(path = %path.display(), "not packing a socket or device");
         Ok(())
     }
 }
@@ -577,7 +584,8 @@ impl PackReader {
             KIND_FILE => EntryKind::File,
             KIND_DIR if size == 0 => EntryKind::Dir,
             KIND_SYMLINK if size > 0 && size <= MAX_LINK => EntryKind::Symlink,
-            KIND_DIR | KIND_SYMLINK => return Err(self.corrupt(format!("impossible size {size}"))),
+            KIND_FIFO if size == 0 => EntryKind::Fifo,
+            KIND_DIR | KIND_SYMLINK | KIND_FIFO => return Err(self.corrupt(format!("impossible size {size}"))),
             other => return Err(self.corrupt(format!("unknown kind {other}"))),
         };
         if mode & !0o7777 != 0 {
@@ -809,6 +817,12 @@ pub fn unpack_paths(pack: &Path, allowed_roots: &[&Path]) -> Result<PackStats, U
                 let tmp = dir
                     .create_temp_symlink(&target, e.uid, e.gid)
                     .map_err(|s| io_err("create symlink", s))?;
+                dir.replace(&tmp, last).map_err(|s| io_err("replace", s))?;
+            }
+            EntryKind::Fifo => {
+                let tmp = dir
+                    .create_temp_fifo(e.mode, e.uid, e.gid)
+                    .map_err(|s| io_err("create fifo", s))?;
                 dir.replace(&tmp, last).map_err(|s| io_err("replace", s))?;
             }
         }

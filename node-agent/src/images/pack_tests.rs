@@ -380,3 +380,36 @@ fn pack_paths_refuses_relative_and_dotdot() {
         assert!(matches!(err, PackError::Unsupported { .. }), "{p}: {err}");
     }
 }
+
+#[test]
+fn pack_paths_recreates_fifos_empty_with_their_mode() {
+    // Open MPI's session dir holds `debugger_attach_fifo`, open in mpirun:
+    // CRIU reopens it by path at restore, so it must come back.
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("tmp");
+    let session = root.join("ompi.n1.0/pid.2");
+    fs::create_dir_all(session.join("0")).unwrap();
+    let fifo = session.join("0/debugger_attach_fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o640)).unwrap();
+    fs::set_permissions(&fifo, fs::Permissions::from_mode(0o640)).unwrap();
+
+    let pack = tmp.path().join("n1.t0.local.pack");
+    pack_paths(std::slice::from_ref(&session), &pack).unwrap();
+    let entries = list(&pack).unwrap();
+    let e = entries.iter().find(|e| e.name == fifo.to_str().unwrap()).expect("fifo entry");
+    assert_eq!((e.kind, e.size), (EntryKind::Fifo, 0));
+
+    fs::remove_dir_all(&session).unwrap();
+    unpack_paths(&pack, &[&root]).unwrap();
+    let m = fs::symlink_metadata(&fifo).unwrap();
+    assert!(m.file_type().is_fifo());
+    assert_eq!(m.permissions().mode() & 0o7777, 0o640);
+    // Over an existing fifo, too.
+    unpack_paths(&pack, &[&root]).unwrap();
+    assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+    // A fifo entry with data is corrupt.
+    let raw = raw_pack(&[(b"/x/f", KIND_FIFO, b"data")]);
+    let bad = tmp.path().join("bad.pack");
+    fs::write(&bad, raw).unwrap();
+    assert!(list(&bad).is_err());
+}
