@@ -149,9 +149,11 @@ pub fn run(cfg: &Config, spec: JobSpec) -> Result<i32> {
     env.extend(job_local_env(&spec)?);
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
-    let init = init_binary()?;
+    let init_dir = init_dir(&s.cfg, &spec.name);
+    let init = restore::install_init(&init_dir, &init_binary()?).context("installing the job's init")?;
     let tree_spec = TreeSpec {
         init,
+        init_dir: init_dir.clone(),
         argv: spec.command.clone(),
         cwd: spec.cwd.clone(),
         env,
@@ -387,6 +389,7 @@ fn supervise(s: Setup, spec: JobSpec, pid: i32, restored_from: u64, outputs: Vec
     // The whole tree is gone (its init was reaped last); what it left in its
     // node-local dirs is in the image set if a checkpoint needs it.
     remove_job_local_dirs(&job.spec.name);
+    let _ = fs::remove_dir_all(init_dir(&job.cfg, &job.spec.name));
     let stopped = job.lock_state().stopped_at;
     if let Some(epoch) = stopped {
         eprintln!(
@@ -469,6 +472,11 @@ fn prepare_job_dir(dir: &Path, uid: u32, gid: u32) -> Result<()> {
         .with_context(|| format!("chown {}", dir.display()))?;
     nix::sys::stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(0o700)).with_context(|| format!("chmod {}", dir.display()))?;
     Ok(())
+}
+
+/// The init's private directory: `<run_dir>/trees/<job>`.
+fn init_dir(cfg: &Config, name: &str) -> PathBuf {
+    cfg.run_dir.join("trees").join(name)
 }
 
 fn remove_job_local_dirs(name: &str) {
@@ -593,7 +601,14 @@ impl Job {
             .with_context(|| format!("starting a checkpoint of job {name}"))?;
         let epoch = pending.epoch;
         tracing::info!(job = %name, epoch, node = %self.node, stop, "checkpoint begins");
-        let handle = TreeHandle { id: 0, root_pid: self.root_pid, net: self.spec.net };
+        let init_dir = init_dir(&self.cfg, &self.spec.name);
+        let handle = TreeHandle {
+            id: 0,
+            root_pid: self.root_pid,
+            net: self.spec.net,
+            init_binary: Some(init_dir.join(restore::INIT_NAME)),
+            init_dir: Some(init_dir),
+        };
         let rules = CaptureRules::default();
         let req = DumpRequest {
             criu: &self.criu,
@@ -627,10 +642,7 @@ impl Job {
         match result {
             Ok(done) => {
                 if stop {
-                    // Killing the namespace's init ends the whole tree; a
-                    // frozen task dies once thawed.
-                    let _ = kill(Pid::from_raw(self.root_pid), Signal::SIGKILL);
-                    let _ = self.freezer.thaw();
+                    self.kill_frozen_tree();
                 }
                 tracing::info!(job = %name, epoch, "epoch committed");
                 Ok(done)
@@ -712,6 +724,22 @@ impl Job {
             total_seconds: t0.elapsed().as_secs_f64(),
             stopped: stop,
         })
+    }
+
+    /// Ends a frozen tree without letting any of it run again. Every task
+    /// gets SIGKILL while still frozen, then the cgroup is thawed: a task
+    /// dies before it returns to user space. (Killing only the namespace's
+    /// init would let the others run between the thaw and the kernel's
+    /// namespace teardown, and print output the image already holds.)
+    fn kill_frozen_tree(&self) {
+        let mut pids = self.freezer.pids().unwrap_or_default();
+        if !pids.contains(&self.root_pid) {
+            pids.push(self.root_pid);
+        }
+        for pid in pids {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        let _ = self.freezer.thaw();
     }
 
     /// Deletes epochs beyond `keep` without delaying the checkpoint's

@@ -60,6 +60,8 @@ fn fill(p: &PendingEpoch) -> Manifest {
                 meta_pack: meta.into(),
                 pages: vec![pages.into()],
                 local_pack: None,
+                init_dir: None,
+                init_binary: None,
             }],
             files,
         }],

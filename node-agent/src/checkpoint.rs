@@ -30,6 +30,10 @@ pub struct TreeHandle {
     pub id: u32,
     pub root_pid: i32,
     pub net: NetMode,
+    /// The init's private directory and the `ckpt-init` binary it runs
+    /// (saved with every epoch: CRIU restores only onto the very same file).
+    pub init_dir: Option<PathBuf>,
+    pub init_binary: Option<PathBuf>,
 }
 
 /// Phases reported while a tree is checkpointed.
@@ -218,6 +222,15 @@ fn dump_frozen(
     req.criu.dump(&opts, notify)?;
     let dump_ms = ms(td.elapsed());
 
+    let init_binary = match &req.tree.init_binary {
+        Some(src) => {
+            let name = format!("{}.init", req.prefix);
+            let dst = req.epoch_dir.join(&name);
+            fs::copy(src, &dst).map_err(io_err("save the init binary to", &dst))?;
+            Some(name)
+        }
+        None => None,
+    };
     let image = TreeImage {
         id: req.tree.id,
         root_pid: req.tree.root_pid,
@@ -232,10 +245,12 @@ fn dump_frozen(
         meta_pack: format!("{}.meta.pack", req.prefix),
         pages: Vec::new(),
         local_pack: local_pack.clone(),
+        init_dir: req.tree.init_dir.as_ref().map(|d| d.display().to_string()),
+        init_binary: init_binary.clone(),
     };
     Ok(DumpResult {
         image,
-        files: local_pack.into_iter().collect(),
+        files: local_pack.into_iter().chain(init_binary).collect(),
         sealed: Vec::new(),
         follower: Some(follower),
         followed: BTreeMap::new(),

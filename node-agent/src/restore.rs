@@ -76,6 +76,9 @@ pub fn restore_tree(req: &RestoreRequest<'_>, notify: &mut dyn NotifyHandler) ->
         create_missing_parents(&path, &roots)?;
         pack::unpack_paths(&path, &roots).map_err(|source| RestoreError::Unpack { path, source })?;
     }
+    if let (Some(dir), Some(bin)) = (&req.image.init_dir, &req.image.init_binary) {
+        install_init(Path::new(dir), &req.epoch_dir.join(bin))?;
+    }
     let writable: Vec<WritableFile> = req
         .image
         .writable_files
@@ -203,4 +206,33 @@ fn ensure_dirs_beneath(root: &Path, rel: &Path, uid: u32, gid: u32) -> Result<()
         dir = next;
     }
     Ok(())
+}
+
+/// Name of the init binary inside its directory.
+pub const INIT_NAME: &str = "ckpt-init";
+
+/// Puts `binary` at `<dir>/ckpt-init` (dir: root's, 0700), replacing any
+/// file there by rename, so a running copy keeps its own inode. Returns
+/// the installed path.
+pub fn install_init(dir: &Path, binary: &Path) -> Result<PathBuf, RestoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |op: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RestoreError::Io { op, path, source }
+    };
+    fs::DirBuilder::new().mode(0o700).recursive(true).create(dir).map_err(io("create", dir))?;
+    let meta = fs::symlink_metadata(dir).map_err(io("stat", dir))?;
+    if !meta.is_dir() || std::os::unix::fs::MetadataExt::uid(&meta) != 0 {
+        return Err(RestoreError::Io {
+            op: "use",
+            path: dir.to_path_buf(),
+            source: std::io::Error::other("not a root-owned directory"),
+        });
+    }
+    let tmp = dir.join(format!(".{INIT_NAME}.{}", std::process::id()));
+    let dst = dir.join(INIT_NAME);
+    fs::copy(binary, &tmp).map_err(io("copy the init binary to", &tmp))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).map_err(io("chmod", &tmp))?;
+    fs::rename(&tmp, &dst).map_err(io("install", &dst))?;
+    Ok(dst)
 }

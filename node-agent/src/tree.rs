@@ -31,6 +31,9 @@ pub enum NetMode {
 pub struct TreeSpec {
     /// Path of the `ckpt-init` binary.
     pub init: PathBuf,
+    /// The init's own working directory: private to the tree, root's (CRIU
+    /// mounts a /proc for the namespace there while dumping).
+    pub init_dir: PathBuf,
     pub argv: Vec<OsString>,
     pub cwd: PathBuf,
     pub env: Vec<(OsString, OsString)>,
@@ -70,7 +73,19 @@ pub fn spawn(spec: &TreeSpec) -> Result<i32, TreeError> {
     // the child may only make async-signal-safe calls (the caller is
     // multithreaded; locks held by other threads are never released there).
     let init = cstring(spec.init.as_os_str().as_bytes(), "init path")?;
-    let mut argv = vec![init.clone(), cstring(b"--", "argv")?];
+    // The init stays root; it drops to the job's credentials in its child.
+    let groups_arg = spec.groups.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(",");
+    let mut argv = vec![init.clone()];
+    for (opt, val) in [
+        ("--uid", spec.uid.to_string().into_bytes()),
+        ("--gid", spec.gid.to_string().into_bytes()),
+        ("--groups", groups_arg.into_bytes()),
+        ("--cwd", spec.cwd.as_os_str().as_bytes().to_vec()),
+    ] {
+        argv.push(cstring(opt.as_bytes(), "argv")?);
+        argv.push(cstring(&val, "argv")?);
+    }
+    argv.push(cstring(b"--", "argv")?);
     for a in &spec.argv {
         argv.push(cstring(a.as_bytes(), "argument")?);
     }
@@ -90,7 +105,7 @@ pub fn spawn(spec: &TreeSpec) -> Result<i32, TreeError> {
     let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|c| c.as_ptr()).collect();
     env_ptrs.push(std::ptr::null());
 
-    let cwd = cstring(spec.cwd.as_os_str().as_bytes(), "working directory")?;
+    let cwd = cstring(spec.init_dir.as_os_str().as_bytes(), "init directory")?;
     let devnull;
     let stdin_fd = match &spec.stdin {
         Some(fd) => fd.as_raw_fd(),
@@ -102,7 +117,6 @@ pub fn spawn(spec: &TreeSpec) -> Result<i32, TreeError> {
     let cgroup_fds =
         spec.cgroups.iter().map(|p| open_fd(p, OFlag::O_WRONLY)).collect::<Result<Vec<_>, _>>()?;
     let cgroup_raw: Vec<i32> = cgroup_fds.iter().map(|f| f.as_raw_fd()).collect();
-    let groups: Vec<libc::gid_t> = spec.groups.clone();
     let lo_name = *b"lo\0";
 
     let mut flags = libc::CLONE_NEWPID | libc::CLONE_NEWIPC;
@@ -116,9 +130,6 @@ pub fn spawn(spec: &TreeSpec) -> Result<i32, TreeError> {
         cwd: &cwd,
         stdio: [stdin_fd, spec.stdout.as_raw_fd(), spec.stderr.as_raw_fd()],
         cgroups: &cgroup_raw,
-        groups: &groups,
-        uid: spec.uid,
-        gid: spec.gid,
         lo_up: spec.net == NetMode::Private,
         lo_name: &lo_name,
     };
@@ -160,9 +171,6 @@ struct ChildPlan<'a> {
     cwd: &'a CString,
     stdio: [i32; 3],
     cgroups: &'a [i32],
-    groups: &'a [libc::gid_t],
-    uid: u32,
-    gid: u32,
     lo_up: bool,
     lo_name: &'a [u8; 3],
 }
@@ -223,14 +231,8 @@ impl ChildPlan<'_> {
                     fail(b"ckpt: cannot set up the job's stdio\n");
                 }
             }
-            if libc::setgroups(self.groups.len(), self.groups.as_ptr()) < 0
-                || libc::setgid(self.gid) < 0
-                || libc::setuid(self.uid) < 0
-            {
-                fail(b"ckpt: cannot switch to the job owner's credentials\n");
-            }
             if libc::chdir(self.cwd.as_ptr()) < 0 {
-                fail(b"ckpt: cannot enter the job's working directory\n");
+                fail(b"ckpt: cannot enter the init's directory\n");
             }
             libc::execve(self.init.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr());
             fail(b"ckpt: cannot execute ckpt-init\n")

@@ -292,6 +292,14 @@ pub struct TreeImage {
     pub pages: Vec<String>,
     /// File name (in the epoch dir) of the captured node-local files.
     pub local_pack: Option<String>,
+    /// Node-local directory of the tree's init (its working directory and
+    /// the home of its binary), recreated before a restore.
+    #[serde(default)]
+    pub init_dir: Option<String>,
+    /// File name (in the epoch dir) of the tree's `ckpt-init` binary: CRIU
+    /// needs the very file the image maps, whatever ckpt is installed now.
+    #[serde(default)]
+    pub init_binary: Option<String>,
 }
 
 /// The network namespace a tree ran in.
@@ -438,7 +446,8 @@ impl Manifest {
             for tree in &node.trees {
                 let referenced = std::iter::once(&tree.meta_pack)
                     .chain(tree.pages.iter())
-                    .chain(tree.local_pack.iter());
+                    .chain(tree.local_pack.iter())
+                    .chain(tree.init_binary.iter());
                 for name in referenced {
                     check_name("pack name", name)?;
                     if !node.files.iter().any(|f| &f.name == name) {
@@ -451,6 +460,9 @@ impl Manifest {
                 }
                 for p in &tree.captured {
                     check_abs_path("captured path", p)?;
+                }
+                if let Some(d) = &tree.init_dir {
+                    check_abs_path("init dir", d)?;
                 }
                 for w in &tree.writable_files {
                     check_abs_path("writable file", &w.path)?;
@@ -634,6 +646,8 @@ mod tests {
                     meta_pack: "n1.t0.meta.pack".into(),
                     pages: vec!["n1.t0.pages-1.img".into()],
                     local_pack: Some("n1.t0.local.pack".into()),
+                    init_dir: None,
+                    init_binary: None,
                 }],
                 files: ["n1.t0.meta.pack", "n1.t0.pages-1.img", "n1.t0.local.pack"]
                     .iter()
