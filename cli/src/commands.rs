@@ -25,10 +25,18 @@ impl Target {
     pub fn parse(s: &str) -> Result<Self> {
         match s.rsplit_once('@') {
             Some((name, e)) => {
-                let epoch = e.parse().map_err(|_| anyhow!("bad epoch {e:?} in {s:?}: expected NAME@NUMBER"))?;
-                Ok(Self { name: name.to_string(), epoch: Some(epoch) })
+                let epoch = e
+                    .parse()
+                    .map_err(|_| anyhow!("bad epoch {e:?} in {s:?}: expected NAME@NUMBER"))?;
+                Ok(Self {
+                    name: name.to_string(),
+                    epoch: Some(epoch),
+                })
             }
-            None => Ok(Self { name: s.to_string(), epoch: None }),
+            None => Ok(Self {
+                name: s.to_string(),
+                epoch: None,
+            }),
         }
     }
 }
@@ -60,15 +68,20 @@ impl Progress {
         if total > 0 {
             if b.length() != Some(total) {
                 b.set_style(
-                    ProgressStyle::with_template("{msg:24} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
-                        .unwrap_or_else(|_| ProgressStyle::default_bar())
-                        .progress_chars("=> "),
+                    ProgressStyle::with_template(
+                        "{msg:24} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
                 );
                 b.set_length(total);
             }
             b.set_position(done);
         } else {
-            b.set_style(ProgressStyle::with_template("{spinner} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+            b.set_style(
+                ProgressStyle::with_template("{spinner} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
         }
         b.set_message(phase.to_string());
     }
@@ -81,15 +94,26 @@ impl Progress {
 }
 
 fn no_such_job(cfg: &Config, name: &str) -> anyhow::Error {
-    let running = running_jobs(cfg).into_iter().map(|s| s.name).collect::<Vec<_>>();
+    let running = running_jobs(cfg)
+        .into_iter()
+        .map(|s| s.name)
+        .collect::<Vec<_>>();
     if running.is_empty() {
         anyhow!("no running job named {name:?} on this node (no jobs are running)")
     } else {
-        anyhow!("no running job named {name:?} on this node (running: {})", running.join(", "))
+        anyhow!(
+            "no running job named {name:?} on this node (running: {})",
+            running.join(", ")
+        )
     }
 }
 
-fn call(cfg: &Config, name: &str, op: pb::request::Op, progress: impl FnMut(&pb::Progress)) -> Result<pb::response::Body> {
+fn call(
+    cfg: &Config,
+    name: &str,
+    op: pb::request::Op,
+    progress: impl FnMut(&pb::Progress),
+) -> Result<pb::response::Body> {
     let sock = cfg.socket_path(name);
     if !sock.exists() {
         return Err(no_such_job(cfg, name));
@@ -103,8 +127,17 @@ fn call(cfg: &Config, name: &str, op: pb::request::Op, progress: impl FnMut(&pb:
 
 /// `ckpt-job checkpoint [--stop] NAME`.
 pub fn checkpoint(cfg: &Config, name: &str, stop: bool, json_out: bool) -> Result<i32> {
-    let mut bar = if json_out { Progress { bar: None } } else { Progress::new() };
-    let r = call(cfg, name, pb::request::Op::Checkpoint(pb::CheckpointRequest { stop }), |p| bar.update(&p.phase, p.done, p.total));
+    let mut bar = if json_out {
+        Progress { bar: None }
+    } else {
+        Progress::new()
+    };
+    let r = call(
+        cfg,
+        name,
+        pb::request::Op::Checkpoint(pb::CheckpointRequest { stop }),
+        |p| bar.update(&p.phase, p.done, p.total),
+    );
     bar.finish();
     let done = match r? {
         pb::response::Body::Checkpoint(d) => d,
@@ -131,17 +164,25 @@ pub fn checkpoint(cfg: &Config, name: &str, stop: bool, json_out: bool) -> Resul
 }
 
 fn running_jobs(cfg: &Config) -> Vec<pb::JobStatus> {
-    let Ok(entries) = std::fs::read_dir(cfg.jobs_dir()) else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir(cfg.jobs_dir()) else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
     for e in entries.flatten() {
         let p = e.path();
         if p.extension().is_some_and(|x| x == "sock") {
-            if let Ok(pb::response::Body::Status(s)) = control::call(&p, pb::request::Op::Status(pb::StatusRequest {}), |_| {}) {
+            if let Ok(pb::response::Body::Status(s)) =
+                control::call(&p, pb::request::Op::Status(pb::StatusRequest {}), |_| {})
+            {
                 out.push(s);
             } else if let Some(stem) = p.file_stem() {
                 // Not ours to query (permission) but running: show the name.
                 if control::is_live(&p) {
-                    out.push(pb::JobStatus { name: stem.to_string_lossy().into_owned(), phase: pb::JobPhase::Unspecified as i32, ..Default::default() });
+                    out.push(pb::JobStatus {
+                        name: stem.to_string_lossy().into_owned(),
+                        phase: pb::JobPhase::Unspecified as i32,
+                        ..Default::default()
+                    });
                 }
             }
         }
@@ -181,18 +222,41 @@ pub fn list(cfg: &Config, ckpt_dir: Option<&Path>, json_out: bool) -> Result<i32
         println!("{}", serde_json::Value::Array(v));
         return Ok(0);
     }
-    println!("{:<24} {:<14} {:>6} {:>8} {:>6}  CKPT-DIR", "NAME", "STATE", "OWNER", "PID", "EPOCH");
+    println!(
+        "{:<24} {:<14} {:>6} {:>8} {:>6}  CKPT-DIR",
+        "NAME", "STATE", "OWNER", "PID", "EPOCH"
+    );
     for s in &running {
-        println!("{:<24} {:<14} {:>6} {:>8} {:>6}  {}", s.name, phase_name(s.phase), s.owner_uid, s.root_pid, epoch_str(s.last_epoch), s.ckpt_dir);
+        println!(
+            "{:<24} {:<14} {:>6} {:>8} {:>6}  {}",
+            s.name,
+            phase_name(s.phase),
+            s.owner_uid,
+            s.root_pid,
+            epoch_str(s.last_epoch),
+            s.ckpt_dir
+        );
     }
     for (n, l) in &stored {
-        println!("{:<24} {:<14} {:>6} {:>8} {:>6}  {}", n, "checkpointed", "-", "-", l.map(|e| e.to_string()).unwrap_or("-".into()), store.root().display());
+        println!(
+            "{:<24} {:<14} {:>6} {:>8} {:>6}  {}",
+            n,
+            "checkpointed",
+            "-",
+            "-",
+            l.map(|e| e.to_string()).unwrap_or("-".into()),
+            store.root().display()
+        );
     }
     Ok(0)
 }
 
 fn epoch_str(e: u64) -> String {
-    if e == 0 { "-".into() } else { e.to_string() }
+    if e == 0 {
+        "-".into()
+    } else {
+        e.to_string()
+    }
 }
 
 /// `ckpt-job status NAME`.
@@ -212,15 +276,29 @@ pub fn status(cfg: &Config, ckpt_dir: Option<&Path>, name: &str, json_out: bool)
                        "checkpoints_failed": s.checkpoints_failed, "last_error": s.last_error, "started_unix": s.started_unix})
             );
         } else {
-            println!("job:          {} on {} ({})", s.name, s.node, phase_name(s.phase));
+            println!(
+                "job:          {} on {} ({})",
+                s.name,
+                s.node,
+                phase_name(s.phase)
+            );
             println!("command:      {}", s.command.join(" "));
             println!("owner uid:    {}   pid: {}", s.owner_uid, s.root_pid);
-            println!("checkpoints:  {} committed, {} failed; last epoch {}", s.checkpoints_committed, s.checkpoints_failed, epoch_str(s.last_epoch));
+            println!(
+                "checkpoints:  {} committed, {} failed; last epoch {}",
+                s.checkpoints_committed,
+                s.checkpoints_failed,
+                epoch_str(s.last_epoch)
+            );
             if s.restored_from > 0 {
                 println!("restored from epoch {}", s.restored_from);
             }
             if s.interval_seconds > 0 {
-                println!("interval:     every {}, keep {}", humantime::format_duration(std::time::Duration::from_secs(s.interval_seconds)), s.keep);
+                println!(
+                    "interval:     every {}, keep {}",
+                    humantime::format_duration(std::time::Duration::from_secs(s.interval_seconds)),
+                    s.keep
+                );
             }
             if !s.last_error.is_empty() {
                 println!("last error:   {}", s.last_error);
@@ -232,16 +310,33 @@ pub fn status(cfg: &Config, ckpt_dir: Option<&Path>, name: &str, json_out: bool)
     let store = ImageStore::new(ckpt_dir.unwrap_or(&cfg.ckpt_dir));
     let epochs = store.epochs(name).unwrap_or_default();
     if epochs.is_empty() {
-        return Err(no_such_job(cfg, name).context(format!("and no checkpoints of it in {}", store.root().display())));
+        return Err(no_such_job(cfg, name).context(format!(
+            "and no checkpoints of it in {}",
+            store.root().display()
+        )));
     }
     let latest = store.latest_committed(name)?;
     if json_out {
-        let list: Vec<_> = epochs.iter().map(|e| json!({"epoch": e.epoch, "committed": e.committed})).collect();
-        println!("{}", json!({"name": name, "state": "not running", "last_epoch": latest, "epochs": list, "ckpt_dir": store.root()}));
+        let list: Vec<_> = epochs
+            .iter()
+            .map(|e| json!({"epoch": e.epoch, "committed": e.committed}))
+            .collect();
+        println!(
+            "{}",
+            json!({"name": name, "state": "not running", "last_epoch": latest, "epochs": list, "ckpt_dir": store.root()})
+        );
     } else {
         println!("job:          {name} (not running on this node)");
         for e in &epochs {
-            println!("epoch {:>6}:  {}", e.epoch, if e.committed { "committed" } else { "incomplete (never restored)" });
+            println!(
+                "epoch {:>6}:  {}",
+                e.epoch,
+                if e.committed {
+                    "committed"
+                } else {
+                    "incomplete (never restored)"
+                }
+            );
         }
         match latest {
             Some(l) => println!("restart with: ckpt-job restart {name}   (epoch {l})"),
@@ -254,9 +349,13 @@ pub fn status(cfg: &Config, ckpt_dir: Option<&Path>, name: &str, json_out: bool)
 fn resolve_epoch(store: &ImageStore, t: &Target) -> Result<u64> {
     match t.epoch {
         Some(e) => Ok(e),
-        None => store
-            .latest_committed(&t.name)?
-            .ok_or_else(|| anyhow!("job {:?} has no committed checkpoint in {}", t.name, store.root().display())),
+        None => store.latest_committed(&t.name)?.ok_or_else(|| {
+            anyhow!(
+                "job {:?} has no committed checkpoint in {}",
+                t.name,
+                store.root().display()
+            )
+        }),
     }
 }
 
@@ -269,8 +368,14 @@ pub fn inspect(cfg: &Config, ckpt_dir: Option<&Path>, t: &Target, json_out: bool
     let store = ImageStore::new(ckpt_dir.unwrap_or(&cfg.ckpt_dir));
     let epoch = resolve_epoch(&store, t)?;
     let key = try_key(cfg);
-    let m = store.load_manifest(&t.name, epoch, key.as_ref()).with_context(|| format!("reading epoch {epoch} of job {}", t.name))?;
-    let mac = if key.is_some() { "verified" } else { "not checked (key not readable)" };
+    let m = store
+        .load_manifest(&t.name, epoch, key.as_ref())
+        .with_context(|| format!("reading epoch {epoch} of job {}", t.name))?;
+    let mac = if key.is_some() {
+        "verified"
+    } else {
+        "not checked (key not readable)"
+    };
     if json_out {
         let mut v = serde_json::to_value(&m)?;
         v["mac"] = json!(mac);
@@ -283,8 +388,17 @@ pub fn inspect(cfg: &Config, ckpt_dir: Option<&Path>, t: &Target, json_out: bool
 
 fn print_manifest(m: &Manifest, mac: &str) {
     let total: u64 = m.nodes.iter().flat_map(|n| &n.files).map(|f| f.size).sum();
-    println!("job {} epoch {} ({:?} mode), manifest MAC {mac}", m.job, m.epoch, m.mode);
-    println!("  created      {} (unix {})", humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(m.created_unix)), m.created_unix);
+    println!(
+        "job {} epoch {} ({:?} mode), manifest MAC {mac}",
+        m.job, m.epoch, m.mode
+    );
+    println!(
+        "  created      {} (unix {})",
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(m.created_unix)
+        ),
+        m.created_unix
+    );
     println!("  owner        uid {} gid {}", m.owner_uid, m.owner_gid);
     println!("  command      {}  (cwd {})", m.command.join(" "), m.cwd);
     println!("  criu         {}", m.criu_version);
@@ -296,7 +410,10 @@ fn print_manifest(m: &Manifest, mac: &str) {
     for n in &m.nodes {
         println!("  node {}", n.node);
         for t in &n.trees {
-            println!("    tree {}: root pid {} at dump, network {:?}", t.id, t.root_pid, t.net);
+            println!(
+                "    tree {}: root pid {} at dump, network {:?}",
+                t.id, t.root_pid, t.net
+            );
             for w in &t.writable_files {
                 println!("      output file {} ({} bytes at dump)", w.path, w.size);
             }
@@ -305,7 +422,12 @@ fn print_manifest(m: &Manifest, mac: &str) {
             }
         }
         for f in &n.files {
-            println!("    {:<40} {:>12}  blake3 {}", f.name, human_bytes(f.size), &f.blake3[..16.min(f.blake3.len())]);
+            println!(
+                "    {:<40} {:>12}  blake3 {}",
+                f.name,
+                human_bytes(f.size),
+                &f.blake3[..16.min(f.blake3.len())]
+            );
         }
     }
 }
@@ -314,20 +436,31 @@ fn print_manifest(m: &Manifest, mac: &str) {
 pub fn verify(cfg: &Config, ckpt_dir: Option<&Path>, t: &Target, json_out: bool) -> Result<i32> {
     let store = ImageStore::new(ckpt_dir.unwrap_or(&cfg.ckpt_dir));
     let epoch = resolve_epoch(&store, t)?;
-    let key = Key::load(&cfg.key_file).with_context(|| format!("verify needs the manifest key {}", cfg.key_file.display()))?;
+    let key = Key::load(&cfg.key_file)
+        .with_context(|| format!("verify needs the manifest key {}", cfg.key_file.display()))?;
     match store.verify(&t.name, epoch, &key) {
         Ok(r) => {
             let (files, bytes) = (r.files, r.bytes);
             if json_out {
-                println!("{}", json!({"job": t.name, "epoch": epoch, "ok": true, "files": files, "bytes": bytes}));
+                println!(
+                    "{}",
+                    json!({"job": t.name, "epoch": epoch, "ok": true, "files": files, "bytes": bytes})
+                );
             } else {
-                println!("{}@{epoch}: OK ({files} files, {} verified)", t.name, human_bytes(bytes));
+                println!(
+                    "{}@{epoch}: OK ({files} files, {} verified)",
+                    t.name,
+                    human_bytes(bytes)
+                );
             }
             Ok(0)
         }
         Err(e) => {
             if json_out {
-                println!("{}", json!({"job": t.name, "epoch": epoch, "ok": false, "error": e.to_string()}));
+                println!(
+                    "{}",
+                    json!({"job": t.name, "epoch": epoch, "ok": false, "error": e.to_string()})
+                );
             } else {
                 eprintln!("{}@{epoch}: FAILED: {e}", t.name);
             }
@@ -344,5 +477,9 @@ pub fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         i += 1;
     }
-    if i == 0 { format!("{n} B") } else { format!("{v:.1} {}", U[i]) }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
 }

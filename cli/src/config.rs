@@ -54,14 +54,18 @@ impl Default for Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid config {path}: {message}")]
     Invalid { path: PathBuf, message: String },
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
 }
 
 impl Config {
@@ -77,8 +81,14 @@ impl Config {
     }
 
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        Self::parse(&text).map_err(|message| ConfigError::Invalid { path: path.into(), message })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Invalid {
+            path: path.into(),
+            message,
+        })
     }
 
     /// Parses and validates; the message names the key and the line.
@@ -94,19 +104,41 @@ impl Config {
             None => format!("key `{key}`"),
         };
         if self.keep == 0 {
-            return Err(format!("{}: keep must be at least 1 (0 would delete every checkpoint)", at("keep")));
+            return Err(format!(
+                "{}: keep must be at least 1 (0 would delete every checkpoint)",
+                at("keep")
+            ));
         }
         if self.freeze_timeout.is_zero() {
-            return Err(format!("{}: freeze_timeout must be positive", at("freeze_timeout")));
+            return Err(format!(
+                "{}: freeze_timeout must be positive",
+                at("freeze_timeout")
+            ));
         }
-        for (key, p) in [("ckpt_dir", &self.ckpt_dir), ("key_file", &self.key_file), ("run_dir", &self.run_dir), ("staging_dir", &self.staging_dir)] {
+        for (key, p) in [
+            ("ckpt_dir", &self.ckpt_dir),
+            ("key_file", &self.key_file),
+            ("run_dir", &self.run_dir),
+            ("staging_dir", &self.staging_dir),
+        ] {
             if !p.is_absolute() {
-                return Err(format!("{}: {} must be an absolute path", at(key), p.display()));
+                return Err(format!(
+                    "{}: {} must be an absolute path",
+                    at(key),
+                    p.display()
+                ));
             }
         }
         if let Some(n) = &self.node_name {
-            if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-                return Err(format!("{}: node_name {n:?} may only hold letters, digits, '-', '_' and '.'", at("node_name")));
+            if n.is_empty()
+                || !n
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(format!(
+                    "{}: node_name {n:?} may only hold letters, digits, '-', '_' and '.'",
+                    at("node_name")
+                ));
             }
         }
         Ok(())
@@ -118,7 +150,12 @@ impl Config {
                 .ok()
                 .and_then(|h| h.into_string().ok())
                 .filter(|h| !h.is_empty())
-                .map(|h| h.replace(|c: char| !(c.is_ascii_alphanumeric() || "-_.".contains(c)), "_"))
+                .map(|h| {
+                    h.replace(
+                        |c: char| !(c.is_ascii_alphanumeric() || "-_.".contains(c)),
+                        "_",
+                    )
+                })
                 .unwrap_or_else(|| "node".into())
         })
     }
@@ -147,11 +184,13 @@ fn describe(text: &str, e: &toml::de::Error) -> String {
 }
 
 fn line_of(text: &str, key: &str) -> Option<usize> {
-    text.lines().position(|l| {
-        let l = l.trim_start();
-        l.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='))
-    })
-    .map(|i| i + 1)
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
 }
 
 #[cfg(test)]
@@ -165,7 +204,10 @@ mod tests {
 
     #[test]
     fn values_are_read() {
-        let c = Config::parse("ckpt_dir = \"/x\"\nkeep = 5\nnetwork = \"host\"\nfreeze_timeout = \"2s\"\n").unwrap();
+        let c = Config::parse(
+            "ckpt_dir = \"/x\"\nkeep = 5\nnetwork = \"host\"\nfreeze_timeout = \"2s\"\n",
+        )
+        .unwrap();
         assert_eq!(c.ckpt_dir, PathBuf::from("/x"));
         assert_eq!(c.keep, 5);
         assert_eq!(c.network, NetMode::Host);

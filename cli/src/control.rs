@@ -54,17 +54,24 @@ impl Server {
 pub fn serve(job: Arc<Job>) -> Result<Server> {
     let path = job.socket_path();
     let dir = path.parent().unwrap_or(Path::new("/"));
-    fs::DirBuilder::new().recursive(true).mode(0o755).create(dir).with_context(|| format!("creating {}", dir.display()))?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
     if path.exists() {
         if is_live(&path) {
             anyhow::bail!("{} is in use by another ckpt-job", path.display());
         }
-        fs::remove_file(&path).with_context(|| format!("removing stale socket {}", path.display()))?;
+        fs::remove_file(&path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
-    let listener = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
     // Access control is by peer credentials, not file mode: users must be
     // able to connect to be told whether they may act.
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).with_context(|| format!("chmod {}", path.display()))?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o666))
+        .with_context(|| format!("chmod {}", path.display()))?;
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
     let thread = thread::spawn(move || {
@@ -81,7 +88,11 @@ pub fn serve(job: Arc<Job>) -> Result<Server> {
             });
         }
     });
-    Ok(Server { path, stop, thread: Some(thread) })
+    Ok(Server {
+        path,
+        stop,
+        thread: Some(thread),
+    })
 }
 
 fn handle(job: &Job, conn: UnixStream) -> Result<(), FrameError> {
@@ -93,12 +104,23 @@ fn handle(job: &Job, conn: UnixStream) -> Result<(), FrameError> {
         Ok(req) => req,
         Err(FrameError::Closed) => return Ok(()),
         Err(e) => {
-            let _ = reply_error(&mut w, pb::ErrorKind::BadRequest, format!("unreadable request: {e}"));
+            let _ = reply_error(
+                &mut w,
+                pb::ErrorKind::BadRequest,
+                format!("unreadable request: {e}"),
+            );
             return Err(e);
         }
     };
     if req.version != pb::Version::Version1 as i32 {
-        return reply_error(&mut w, pb::ErrorKind::BadRequest, format!("unsupported protocol version {} (this job speaks 1)", req.version));
+        return reply_error(
+            &mut w,
+            pb::ErrorKind::BadRequest,
+            format!(
+                "unsupported protocol version {} (this job speaks 1)",
+                req.version
+            ),
+        );
     }
     let uid = cred.uid();
     if uid != 0 && uid != job.owner_uid() {
@@ -106,22 +128,43 @@ fn handle(job: &Job, conn: UnixStream) -> Result<(), FrameError> {
         return reply_error(
             &mut w,
             pb::ErrorKind::Permission,
-            format!("permission denied: job {} belongs to uid {}, you are uid {uid}", job.spec.name, job.owner_uid()),
+            format!(
+                "permission denied: job {} belongs to uid {}, you are uid {uid}",
+                job.spec.name,
+                job.owner_uid()
+            ),
         );
     }
     match req.op {
-        Some(pb::request::Op::Status(_)) => {
-            write_frame(&mut w, &pb::Response { body: Some(pb::response::Body::Status(job.status())) })
-        }
+        Some(pb::request::Op::Status(_)) => write_frame(
+            &mut w,
+            &pb::Response {
+                body: Some(pb::response::Body::Status(job.status())),
+            },
+        ),
         Some(pb::request::Op::Checkpoint(c)) => {
             let mut progress = |phase: &str, done: u64, total: u64| {
-                let p = pb::Progress { phase: phase.to_string(), done, total };
+                let p = pb::Progress {
+                    phase: phase.to_string(),
+                    done,
+                    total,
+                };
                 // A client that went away does not stop the epoch.
-                let _ = write_frame(&mut w, &pb::Response { body: Some(pb::response::Body::Progress(p)) });
+                let _ = write_frame(
+                    &mut w,
+                    &pb::Response {
+                        body: Some(pb::response::Body::Progress(p)),
+                    },
+                );
             };
             let result = job.checkpoint(c.stop, &mut progress);
             match result {
-                Ok(done) => write_frame(&mut w, &pb::Response { body: Some(pb::response::Body::Checkpoint(done)) }),
+                Ok(done) => write_frame(
+                    &mut w,
+                    &pb::Response {
+                        body: Some(pb::response::Body::Checkpoint(done)),
+                    },
+                ),
                 Err(e) => reply_error(&mut w, e.kind, e.message),
             }
         }
@@ -131,15 +174,41 @@ fn handle(job: &Job, conn: UnixStream) -> Result<(), FrameError> {
     Ok(())
 }
 
-fn reply_error<W: Write>(w: &mut W, kind: pb::ErrorKind, message: String) -> Result<(), FrameError> {
-    write_frame(w, &pb::Response { body: Some(pb::response::Body::Error(pb::Error { kind: kind as i32, message })) })
+fn reply_error<W: Write>(
+    w: &mut W,
+    kind: pb::ErrorKind,
+    message: String,
+) -> Result<(), FrameError> {
+    write_frame(
+        w,
+        &pb::Response {
+            body: Some(pb::response::Body::Error(pb::Error {
+                kind: kind as i32,
+                message,
+            })),
+        },
+    )
 }
 
 /// Client side: one request, then every reply until the final one.
-pub fn call(sock: &Path, op: pb::request::Op, mut on_progress: impl FnMut(&pb::Progress)) -> Result<pb::response::Body, CallError> {
+pub fn call(
+    sock: &Path,
+    op: pb::request::Op,
+    mut on_progress: impl FnMut(&pb::Progress),
+) -> Result<pb::response::Body, CallError> {
     let conn = UnixStream::connect(sock).map_err(|e| CallError::Connect(sock.to_path_buf(), e))?;
-    let mut w = BufWriter::new(conn.try_clone().map_err(|e| CallError::Connect(sock.to_path_buf(), e))?);
-    write_frame(&mut w, &pb::Request { version: pb::Version::Version1 as i32, op: Some(op) }).map_err(CallError::Frame)?;
+    let mut w = BufWriter::new(
+        conn.try_clone()
+            .map_err(|e| CallError::Connect(sock.to_path_buf(), e))?,
+    );
+    write_frame(
+        &mut w,
+        &pb::Request {
+            version: pb::Version::Version1 as i32,
+            op: Some(op),
+        },
+    )
+    .map_err(CallError::Frame)?;
     let mut r = BufReader::new(conn);
     loop {
         let resp: pb::Response = read_frame(&mut r, MAX_REPLY).map_err(CallError::Frame)?;

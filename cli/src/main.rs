@@ -13,7 +13,11 @@ use ckpt_cli::supervisor::{self, JobSpec};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "ckpt-job", version, about = "Checkpoint and restart jobs transparently (CRIU underneath)")]
+#[command(
+    name = "ckpt-job",
+    version,
+    about = "Checkpoint and restart jobs transparently (CRIU underneath)"
+)]
 struct Cli {
     /// Configuration file (default: $CKPT_CONFIG, else /etc/ckpt/ckpt.toml if present).
     #[arg(long, global = true, value_name = "FILE")]
@@ -113,7 +117,10 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CKPT_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CKPT_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match real_main(cli) {
@@ -128,7 +135,15 @@ fn main() -> ExitCode {
 fn real_main(cli: Cli) -> Result<i32> {
     let cfg = Config::load(cli.config.as_deref())?;
     match cli.cmd {
-        Cmd::Run { name, ckpt_dir, interval, keep, net, user, command } => {
+        Cmd::Run {
+            name,
+            ckpt_dir,
+            interval,
+            keep,
+            net,
+            user,
+            command,
+        } => {
             let (uid, gid, groups) = owner(user.as_deref())?;
             let name = match name {
                 Some(n) => n,
@@ -153,7 +168,13 @@ fn real_main(cli: Cli) -> Result<i32> {
             supervisor::run(&cfg, spec)
         }
         Cmd::Checkpoint { stop, json, name } => commands::checkpoint(&cfg, &name, stop, json),
-        Cmd::Restart { epoch, ckpt_dir, interval, keep, name } => {
+        Cmd::Restart {
+            epoch,
+            ckpt_dir,
+            interval,
+            keep,
+            name,
+        } => {
             let spec = JobSpec {
                 name,
                 ckpt_dir: ckpt_dir.unwrap_or_else(|| cfg.ckpt_dir.clone()),
@@ -167,14 +188,28 @@ fn real_main(cli: Cli) -> Result<i32> {
                 cwd: PathBuf::from("/"),
             };
             let mut bar = commands::Progress::new();
-            let r = supervisor::restart(&cfg, spec, epoch, &mut |phase, done, total| bar.update(phase, done, total));
+            let r = supervisor::restart(&cfg, spec, epoch, &mut |phase, done, total| {
+                bar.update(phase, done, total)
+            });
             bar.finish();
             r
         }
         Cmd::List { ckpt_dir, json } => commands::list(&cfg, ckpt_dir.as_deref(), json),
-        Cmd::Status { ckpt_dir, json, name } => commands::status(&cfg, ckpt_dir.as_deref(), &name, json),
-        Cmd::Inspect { ckpt_dir, json, target } => commands::inspect(&cfg, ckpt_dir.as_deref(), &Target::parse(&target)?, json),
-        Cmd::Verify { ckpt_dir, json, target } => commands::verify(&cfg, ckpt_dir.as_deref(), &Target::parse(&target)?, json),
+        Cmd::Status {
+            ckpt_dir,
+            json,
+            name,
+        } => commands::status(&cfg, ckpt_dir.as_deref(), &name, json),
+        Cmd::Inspect {
+            ckpt_dir,
+            json,
+            target,
+        } => commands::inspect(&cfg, ckpt_dir.as_deref(), &Target::parse(&target)?, json),
+        Cmd::Verify {
+            ckpt_dir,
+            json,
+            target,
+        } => commands::verify(&cfg, ckpt_dir.as_deref(), &Target::parse(&target)?, json),
     }
 }
 
@@ -189,10 +224,23 @@ fn keep_arg(keep: Option<usize>, cfg: &Config) -> Result<usize> {
 fn default_name(command: &[OsString]) -> String {
     let base = command
         .first()
-        .map(|c| PathBuf::from(c).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default())
+        .map(|c| {
+            PathBuf::from(c)
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
         .unwrap_or_default();
-    let base: String = base.chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).take(40).collect();
-    let base = if base.is_empty() || base.starts_with('.') { "job".to_string() } else { base };
+    let base: String = base
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+        .take(40)
+        .collect();
+    let base = if base.is_empty() || base.starts_with('.') {
+        "job".to_string()
+    } else {
+        base
+    };
     format!("{base}-{}", std::process::id())
 }
 
@@ -200,7 +248,13 @@ fn default_name(command: &[OsString]) -> String {
 fn owner(user: Option<&str>) -> Result<(u32, u32, Vec<u32>)> {
     use nix::unistd::{getegid, geteuid, getgroups, Uid, User};
     match user {
-        None => Ok((geteuid().as_raw(), getegid().as_raw(), getgroups().map(|g| g.iter().map(|g| g.as_raw()).collect()).unwrap_or_default())),
+        None => Ok((
+            geteuid().as_raw(),
+            getegid().as_raw(),
+            getgroups()
+                .map(|g| g.iter().map(|g| g.as_raw()).collect())
+                .unwrap_or_default(),
+        )),
         Some(u) => {
             if !geteuid().is_root() {
                 bail!("--user needs root");
@@ -211,7 +265,9 @@ fn owner(user: Option<&str>) -> Result<(u32, u32, Vec<u32>)> {
             }
             .with_context(|| format!("no such user: {u}"))?;
             let name = std::ffi::CString::new(user.name.clone())?;
-            let groups = nix::unistd::getgrouplist(&name, user.gid).map(|g| g.iter().map(|g| g.as_raw()).collect()).unwrap_or_else(|_| vec![user.gid.as_raw()]);
+            let groups = nix::unistd::getgrouplist(&name, user.gid)
+                .map(|g| g.iter().map(|g| g.as_raw()).collect())
+                .unwrap_or_else(|_| vec![user.gid.as_raw()]);
             Ok((user.uid.as_raw(), user.gid.as_raw(), groups))
         }
     }

@@ -90,7 +90,10 @@ pub struct Job {
 
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Job").field("name", &self.spec.name).field("root_pid", &self.root_pid).finish()
+        f.debug_struct("Job")
+            .field("name", &self.spec.name)
+            .field("root_pid", &self.root_pid)
+            .finish()
     }
 }
 
@@ -102,7 +105,10 @@ pub struct CheckpointFailure {
 }
 
 fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Everything that `run` and `restart` share before the tree exists.
@@ -126,18 +132,33 @@ fn setup(cfg: &Config, spec: &JobSpec) -> Result<Setup> {
         Some(p) => Criu::new(p),
         None => Criu::locate().context("finding criu")?,
     };
-    let key = Key::load_or_generate(&cfg.key_file).with_context(|| format!("loading the manifest key {}", cfg.key_file.display()))?;
+    let key = Key::load_or_generate(&cfg.key_file)
+        .with_context(|| format!("loading the manifest key {}", cfg.key_file.display()))?;
     let store = ImageStore::new(&spec.ckpt_dir);
     if !ckpt_coordinator::store::valid_job_name(&spec.name) {
         bail!("invalid job name {:?}: use 1-64 letters, digits, '.', '_' or '-', not starting with '.'", spec.name);
     }
     let sock = cfg.socket_path(&spec.name);
     if control::is_live(&sock) {
-        bail!("a job named {:?} is already running on this node (socket {})", spec.name, sock.display());
+        bail!(
+            "a job named {:?} is already running on this node (socket {})",
+            spec.name,
+            sock.display()
+        );
     }
-    let freezer = CgroupFreezer::create(&format!("{}-{}", spec.name, std::process::id())).context("creating the job's freezer cgroup")?;
-    let pty_ban = tree::PtyBan::create(&format!("{}-{}", spec.name, std::process::id())).context("creating the job's devices cgroup")?;
-    Ok(Setup { cfg: cfg.clone(), criu, key, store, freezer, pty_ban, node: cfg.node_name() })
+    let freezer = CgroupFreezer::create(&format!("{}-{}", spec.name, std::process::id()))
+        .context("creating the job's freezer cgroup")?;
+    let pty_ban = tree::PtyBan::create(&format!("{}-{}", spec.name, std::process::id()))
+        .context("creating the job's devices cgroup")?;
+    Ok(Setup {
+        cfg: cfg.clone(),
+        criu,
+        key,
+        store,
+        freezer,
+        pty_ban,
+        node: cfg.node_name(),
+    })
 }
 
 /// `ckpt-job run`: start the tree and supervise it; returns the exit status.
@@ -150,7 +171,8 @@ pub fn run(cfg: &Config, spec: JobSpec) -> Result<i32> {
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     let init_dir = init_dir(&s.cfg, &spec.name);
-    let init = restore::install_init(&init_dir, &init_binary()?).context("installing the job's init")?;
+    let init =
+        restore::install_init(&init_dir, &init_binary()?).context("installing the job's init")?;
     let tree_spec = TreeSpec {
         init,
         init_dir: init_dir.clone(),
@@ -164,7 +186,9 @@ pub fn run(cfg: &Config, spec: JobSpec) -> Result<i32> {
         stdin: None,
         stdout: out_w,
         stderr: err_w,
-        cgroups: std::iter::once(s.freezer.procs_file()).chain(s.pty_ban.as_ref().map(|b| b.procs_file())).collect(),
+        cgroups: std::iter::once(s.freezer.procs_file())
+            .chain(s.pty_ban.as_ref().map(|b| b.procs_file()))
+            .collect(),
     };
     let pid = tree::spawn(&tree_spec).context("starting the job tree")?;
     cgroup_guard.0 = None;
@@ -172,7 +196,11 @@ pub fn run(cfg: &Config, spec: JobSpec) -> Result<i32> {
     eprintln!(
         "ckpt: job {} started (pid {pid}, {} network); checkpoints in {}",
         spec.name,
-        if spec.net == NetMode::Private { "private" } else { "host" },
+        if spec.net == NetMode::Private {
+            "private"
+        } else {
+            "host"
+        },
         s.store.job_dir(&spec.name).display()
     );
     supervise(s, spec, pid, 0, vec![(out_r, 1), (err_r, 2)])
@@ -180,17 +208,25 @@ pub fn run(cfg: &Config, spec: JobSpec) -> Result<i32> {
 
 /// `ckpt-job restart`: restore `epoch` (default: newest committed) and
 /// supervise it like `run`.
-pub fn restart(cfg: &Config, mut spec: JobSpec, epoch: Option<u64>, progress: &mut ProgressFn<'_>) -> Result<i32> {
+pub fn restart(
+    cfg: &Config,
+    mut spec: JobSpec,
+    epoch: Option<u64>,
+    progress: &mut ProgressFn<'_>,
+) -> Result<i32> {
     let s = setup(cfg, &spec)?;
     // Until a tree is in it, any early return (unknown job, refused
     // verification, ...) must not leave the empty freezer cgroup behind.
     let mut cgroup_guard = RemoveDirOnDrop(Some(s.freezer.dir().to_path_buf()));
     let epoch = match epoch {
         Some(e) => e,
-        None => s
-            .store
-            .latest_committed(&spec.name)?
-            .ok_or_else(|| anyhow!("job {:?} has no committed checkpoint in {}", spec.name, s.store.job_dir(&spec.name).display()))?,
+        None => s.store.latest_committed(&spec.name)?.ok_or_else(|| {
+            anyhow!(
+                "job {:?} has no committed checkpoint in {}",
+                spec.name,
+                s.store.job_dir(&spec.name).display()
+            )
+        })?,
     };
     progress("verifying images", 0, 0);
     let refusing = || format!("refusing to restore epoch {epoch} of job {}", spec.name);
@@ -198,15 +234,23 @@ pub fn restart(cfg: &Config, mut spec: JobSpec, epoch: Option<u64>, progress: &m
     // (the bulk) are verified while CRIU restores, and the restored tree is
     // released (post-restore) only if they match, so no restored process
     // ever runs on unverified memory.
-    let manifest = s.store.load_manifest(&spec.name, epoch, Some(&s.key)).with_context(refusing)?;
-    s.store.verify_files(&manifest, |n| !checkpoint::is_epoch_pages(n)).with_context(refusing)?;
+    let manifest = s
+        .store
+        .load_manifest(&spec.name, epoch, Some(&s.key))
+        .with_context(refusing)?;
+    s.store
+        .verify_files(&manifest, |n| !checkpoint::is_epoch_pages(n))
+        .with_context(refusing)?;
     tracing::info!(job = %spec.name, epoch, phase = "verified", "manifest and small images verified");
     let mut gate = PagesGate::start(s.store.clone(), manifest.clone());
     let node = manifest
         .nodes
         .first()
         .ok_or_else(|| anyhow!("epoch {epoch} of job {} holds no node image", spec.name))?;
-    let image = node.trees.first().ok_or_else(|| anyhow!("epoch {epoch} of job {} holds no process tree", spec.name))?;
+    let image = node
+        .trees
+        .first()
+        .ok_or_else(|| anyhow!("epoch {epoch} of job {} holds no process tree", spec.name))?;
     spec.uid = manifest.owner_uid;
     spec.gid = manifest.owner_gid;
     spec.command = manifest.command.iter().map(OsString::from).collect();
@@ -233,7 +277,10 @@ pub fn restart(cfg: &Config, mut spec: JobSpec, epoch: Option<u64>, progress: &m
         readers.push((r, if b.fd == 2 { 2 } else { 1 }));
         writers.push((b.inode, w));
     }
-    let staging = s.cfg.staging_dir.join(format!("{}.{}.{}", spec.name, epoch, std::process::id()));
+    let staging = s
+        .cfg
+        .staging_dir
+        .join(format!("{}.{}.{}", spec.name, epoch, std::process::id()));
     let epoch_dir = s.store.epoch_dir(&spec.name, epoch);
     progress("restoring (CRIU)", 0, 0);
     let req = RestoreRequest {
@@ -270,13 +317,20 @@ pub fn restart(cfg: &Config, mut spec: JobSpec, epoch: Option<u64>, progress: &m
         (Err(e), Ok(())) => {
             let _ = s.freezer.remove();
             remove_job_local_dirs(&spec.name);
-            return Err(anyhow!("restoring epoch {epoch} of job {}: {e}\n  (CRIU's files are kept in {})", spec.name, staging.display()));
+            return Err(anyhow!(
+                "restoring epoch {epoch} of job {}: {e}\n  (CRIU's files are kept in {})",
+                spec.name,
+                staging.display()
+            ));
         }
     };
     drop(req);
     drop(writers);
     let _ = fs::remove_dir_all(&staging);
-    eprintln!("ckpt: job {} restored from epoch {epoch} (pid {pid})", spec.name);
+    eprintln!(
+        "ckpt: job {} restored from epoch {epoch} (pid {pid})",
+        spec.name
+    );
     supervise(s, spec, pid, epoch, readers)
 }
 
@@ -290,14 +344,23 @@ struct PagesGate {
 impl PagesGate {
     fn start(store: ImageStore, manifest: Manifest) -> Self {
         let check = thread::spawn(move || {
-            store.verify_files(&manifest, checkpoint::is_epoch_pages).map(|_| ()).map_err(|e| e.to_string())
+            store
+                .verify_files_sequential(&manifest, checkpoint::is_epoch_pages)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
         });
-        Self { check: Some(check), result: None }
+        Self {
+            check: Some(check),
+            result: None,
+        }
     }
 
     fn wait(&mut self) -> Result<(), String> {
         if let Some(t) = self.check.take() {
-            self.result = Some(t.join().unwrap_or_else(|_| Err("page verification panicked".into())));
+            self.result = Some(
+                t.join()
+                    .unwrap_or_else(|_| Err("page verification panicked".into())),
+            );
         }
         self.result.clone().unwrap_or(Ok(()))
     }
@@ -313,7 +376,11 @@ impl NotifyHandler for PagesGate {
             NotifyEvent::PostRestore => {
                 tracing::info!(phase = "post-restore", "waiting for page verification");
                 let r = self.wait();
-                tracing::info!(phase = "post-restore", ok = r.is_ok(), "page verification done");
+                tracing::info!(
+                    phase = "post-restore",
+                    ok = r.is_ok(),
+                    "page verification done"
+                );
                 r
             }
             _ => Ok(()),
@@ -321,12 +388,23 @@ impl NotifyHandler for PagesGate {
     }
 }
 
-fn supervise(s: Setup, spec: JobSpec, pid: i32, restored_from: u64, outputs: Vec<(OwnedFd, i32)>) -> Result<i32> {
+fn supervise(
+    s: Setup,
+    spec: JobSpec,
+    pid: i32,
+    restored_from: u64,
+    outputs: Vec<(OwnedFd, i32)>,
+) -> Result<i32> {
     // Before any thread starts, so that all inherit the mask and only the
     // forwarder takes these signals.
     let forward = forward_signals(pid);
     let pty_ban = s.pty_ban;
-    let last_epoch = s.store.latest_committed(&spec.name).ok().flatten().unwrap_or(0);
+    let last_epoch = s
+        .store
+        .latest_committed(&spec.name)
+        .ok()
+        .flatten()
+        .unwrap_or(0);
     let job = Arc::new(Job {
         outputs: outputs.iter().map(|(fd, _)| fd.as_raw_fd()).collect(),
         spec,
@@ -356,7 +434,10 @@ fn supervise(s: Setup, spec: JobSpec, pid: i32, restored_from: u64, outputs: Vec
     let server = control::serve(job.clone());
     if let Err(e) = &server {
         // The job runs on, but nobody can checkpoint it: say so loudly.
-        eprintln!("ckpt: warning: no control socket for job {}: {e:#}", job.spec.name);
+        eprintln!(
+            "ckpt: warning: no control socket for job {}: {e:#}",
+            job.spec.name
+        );
     }
     let timer = job.spec.interval.map(|every| {
         let job = job.clone();
@@ -406,7 +487,10 @@ fn supervise(s: Setup, spec: JobSpec, pid: i32, restored_from: u64, outputs: Vec
 /// `/dev/shm/ckpt-job.<job>`. Created at run and restart, owned by the job's
 /// owner, and removed (whole) when the tree is gone: the prefix is ckpt's.
 fn job_local_dirs(name: &str) -> [PathBuf; 2] {
-    [PathBuf::from(format!("/tmp/ckpt-job.{name}")), PathBuf::from(format!("/dev/shm/ckpt-job.{name}"))]
+    [
+        PathBuf::from(format!("/tmp/ckpt-job.{name}")),
+        PathBuf::from(format!("/dev/shm/ckpt-job.{name}")),
+    ]
 }
 
 /// Environment that keeps MPI runtimes of different jobs on one node apart
@@ -460,17 +544,35 @@ fn prepare_job_dir(dir: &Path, uid: u32, gid: u32) -> Result<()> {
         Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
         Err(e) => bail!("creating the job's scratch dir {}: {e}", dir.display()),
     }
-    let fd = open(dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
-        .with_context(|| format!("opening the job's scratch dir {} (a symlink?)", dir.display()))?;
+    let fd = open(
+        dir,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| {
+        format!(
+            "opening the job's scratch dir {} (a symlink?)",
+            dir.display()
+        )
+    })?;
     // SAFETY: fresh descriptor from open, owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let st = fstat(fd.as_raw_fd()).with_context(|| format!("stat {}", dir.display()))?;
     if st.st_uid != 0 && st.st_uid != uid {
-        bail!("{} belongs to uid {}, not to the job's owner; remove it", dir.display(), st.st_uid);
+        bail!(
+            "{} belongs to uid {}, not to the job's owner; remove it",
+            dir.display(),
+            st.st_uid
+        );
     }
-    nix::unistd::fchown(fd.as_raw_fd(), Some(nix::unistd::Uid::from_raw(uid)), Some(nix::unistd::Gid::from_raw(gid)))
-        .with_context(|| format!("chown {}", dir.display()))?;
-    nix::sys::stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(0o700)).with_context(|| format!("chmod {}", dir.display()))?;
+    nix::unistd::fchown(
+        fd.as_raw_fd(),
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+    )
+    .with_context(|| format!("chown {}", dir.display()))?;
+    nix::sys::stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(0o700))
+        .with_context(|| format!("chmod {}", dir.display()))?;
     Ok(())
 }
 
@@ -508,11 +610,17 @@ impl Drop for RemoveDirOnDrop {
 /// files are removed.
 fn low_space_note(dir: &Path) -> Option<String> {
     let st = nix::sys::statvfs::statvfs(dir).ok()?;
-    let free = u64::from(st.blocks_free()) * u64::from(st.fragment_size());
+    let free = st.blocks_free() * st.fragment_size();
     if free < 1 << 20 {
-        Some(format!("no space left on device: only {free} bytes are free on the filesystem of {}", dir.display()))
+        Some(format!(
+            "no space left on device: only {free} bytes are free on the filesystem of {}",
+            dir.display()
+        ))
     } else if st.files_free() == 0 && st.files() > 0 {
-        Some(format!("no space left on device: no free inodes on the filesystem of {}", dir.display()))
+        Some(format!(
+            "no space left on device: no free inodes on the filesystem of {}",
+            dir.display()
+        ))
     } else {
         None
     }
@@ -545,7 +653,12 @@ impl Job {
             ckpt_dir: self.spec.ckpt_dir.display().to_string(),
             last_epoch: st.last_epoch,
             started_unix: self.started_unix,
-            command: self.spec.command.iter().map(|c| c.to_string_lossy().into_owned()).collect(),
+            command: self
+                .spec
+                .command
+                .iter()
+                .map(|c| c.to_string_lossy().into_owned())
+                .collect(),
             interval_seconds: self.spec.interval.map(|d| d.as_secs()).unwrap_or(0),
             keep: self.spec.keep as u32,
             checkpoints_committed: st.committed,
@@ -558,11 +671,18 @@ impl Job {
 
     /// One epoch: dump, seal, commit. Fails closed: on any error the tree
     /// runs on untouched and the previous epoch stays the restart point.
-    pub fn checkpoint(&self, stop: bool, progress: &mut ProgressFn<'_>) -> Result<pb::CheckpointDone, CheckpointFailure> {
+    pub fn checkpoint(
+        &self,
+        stop: bool,
+        progress: &mut ProgressFn<'_>,
+    ) -> Result<pb::CheckpointDone, CheckpointFailure> {
         let Ok(_guard) = self.epoch_lock.try_lock() else {
             return Err(CheckpointFailure {
                 kind: pb::ErrorKind::Busy,
-                message: format!("a checkpoint of job {} is already in progress", self.spec.name),
+                message: format!(
+                    "a checkpoint of job {} is already in progress",
+                    self.spec.name
+                ),
             });
         };
         if self.exited.load(Ordering::SeqCst) || self.lock_state().stopped_at.is_some() {
@@ -571,7 +691,11 @@ impl Job {
                 message: format!("job {} has already ended", self.spec.name),
             });
         }
-        self.lock_state().phase = if stop { pb::JobPhase::Stopping } else { pb::JobPhase::Checkpointing };
+        self.lock_state().phase = if stop {
+            pb::JobPhase::Stopping
+        } else {
+            pb::JobPhase::Checkpointing
+        };
         let result = self.checkpoint_locked(stop, progress);
         let mut st = self.lock_state();
         match &result {
@@ -581,7 +705,11 @@ impl Job {
                 if stop {
                     st.stopped_at = Some(done.epoch);
                 }
-                st.phase = if stop { pb::JobPhase::Stopping } else { pb::JobPhase::Running };
+                st.phase = if stop {
+                    pb::JobPhase::Stopping
+                } else {
+                    pb::JobPhase::Running
+                };
             }
             Err(e) => {
                 st.failed += 1;
@@ -589,10 +717,17 @@ impl Job {
                 st.phase = pb::JobPhase::Running;
             }
         }
-        result.map_err(|e| CheckpointFailure { kind: pb::ErrorKind::Failed, message: format!("{e:#}") })
+        result.map_err(|e| CheckpointFailure {
+            kind: pb::ErrorKind::Failed,
+            message: format!("{e:#}"),
+        })
     }
 
-    fn checkpoint_locked(&self, stop: bool, progress: &mut ProgressFn<'_>) -> Result<pb::CheckpointDone> {
+    fn checkpoint_locked(
+        &self,
+        stop: bool,
+        progress: &mut ProgressFn<'_>,
+    ) -> Result<pb::CheckpointDone> {
         let t0 = Instant::now();
         let name = &self.spec.name;
         let pending = self
@@ -620,7 +755,10 @@ impl Job {
             freeze_timeout: self.cfg.freeze_timeout,
             rules: &rules,
         };
-        let mut hooks = Hooks { job: self, progress: &mut *progress };
+        let mut hooks = Hooks {
+            job: self,
+            progress: &mut *progress,
+        };
         let dumped = checkpoint::dump_tree(&req, &mut hooks, &mut NoNotify);
         // In stop mode a dumped tree is still frozen: it is killed only after
         // the commit, and thawed (the job goes on) if anything fails.
@@ -630,7 +768,10 @@ impl Job {
                 let dir = pending.dir.clone();
                 let note = low_space_note(&dir);
                 if let Err(rm) = pending.abort() {
-                    eprintln!("ckpt: warning: could not remove aborted epoch {}: {rm}", dir.display());
+                    eprintln!(
+                        "ckpt: warning: could not remove aborted epoch {}: {rm}",
+                        dir.display()
+                    );
                 }
                 let e = anyhow::Error::from(e);
                 Err(match note {
@@ -652,7 +793,9 @@ impl Job {
                     let _ = self.freezer.thaw();
                 }
                 tracing::warn!(job = %name, epoch, error = %format!("{e:#}"), "epoch aborted");
-                Err(e.context(format!("checkpoint of job {name} (epoch {epoch}) aborted; the job continues")))
+                Err(e.context(format!(
+                    "checkpoint of job {name} (epoch {epoch}) aborted; the job continues"
+                )))
             }
         }
     }
@@ -671,7 +814,11 @@ impl Job {
             + dumped
                 .files
                 .iter()
-                .map(|f| fs::metadata(pending.dir.join(f)).map(|m| m.len()).unwrap_or(0))
+                .map(|f| {
+                    fs::metadata(pending.dir.join(f))
+                        .map(|m| m.len())
+                        .unwrap_or(0)
+                })
                 .sum::<u64>();
         let mut done_bytes = presealed;
         let mut files = dumped.sealed.clone();
@@ -689,7 +836,11 @@ impl Job {
             }
         }
         progress("committing", total, total);
-        let criu_version = self.criu.version().map(|v| v.to_string()).unwrap_or_else(|_| "unknown".into());
+        let criu_version = self
+            .criu
+            .version()
+            .map(|v| v.to_string())
+            .unwrap_or_else(|_| "unknown".into());
         let mut manifest = Manifest {
             format: ckpt_protocol::manifest::FORMAT_VERSION,
             job: self.spec.name.clone(),
@@ -698,10 +849,24 @@ impl Job {
             owner_uid: self.spec.uid,
             owner_gid: self.spec.gid,
             criu_version,
-            command: self.spec.command.iter().map(|c| c.to_string_lossy().into_owned()).collect(),
+            command: self
+                .spec
+                .command
+                .iter()
+                .map(|c| c.to_string_lossy().into_owned())
+                .collect(),
             cwd: self.spec.cwd.display().to_string(),
-            mode: if stop { CheckpointMode::Stop } else { CheckpointMode::Continue },
-            nodes: vec![NodeImage { node: self.node.clone(), ranks: Vec::new(), trees: vec![dumped.image.clone()], files }],
+            mode: if stop {
+                CheckpointMode::Stop
+            } else {
+                CheckpointMode::Continue
+            },
+            nodes: vec![NodeImage {
+                node: self.node.clone(),
+                ranks: Vec::new(),
+                trees: vec![dumped.image.clone()],
+                files,
+            }],
             timings: Timings {
                 freeze_ms: dumped.freeze_ms,
                 dump_ms: dumped.dump_ms,
@@ -747,7 +912,12 @@ impl Job {
     /// than the newest committed one, and uncommits (removes MANIFEST) before
     /// it deletes.
     fn retain_in_background(&self) {
-        let (store, name, keep, lock) = (self.store.clone(), self.spec.name.clone(), self.spec.keep, self.retention.clone());
+        let (store, name, keep, lock) = (
+            self.store.clone(),
+            self.spec.name.clone(),
+            self.spec.keep,
+            self.retention.clone(),
+        );
         thread::spawn(move || {
             let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(e) = store.retain(&name, keep) {
@@ -781,7 +951,9 @@ impl Job {
     fn sleep_or_exit(&self, d: Duration) -> bool {
         let (m, cv) = &self.exit_cv;
         let guard = lock(m);
-        let (guard, _) = cv.wait_timeout_while(guard, d, |exited| !*exited).unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = cv
+            .wait_timeout_while(guard, d, |exited| !*exited)
+            .unwrap_or_else(|p| p.into_inner());
         *guard
     }
 }
@@ -816,11 +988,17 @@ fn periodic(job: &Job, every: Duration) {
             return;
         }
         match job.checkpoint(false, &mut |_, _, _| {}) {
-            Ok(done) => eprintln!("ckpt: periodic checkpoint of job {}: epoch {} committed", job.spec.name, done.epoch),
+            Ok(done) => eprintln!(
+                "ckpt: periodic checkpoint of job {}: epoch {} committed",
+                job.spec.name, done.epoch
+            ),
             // A checkpoint still running: skip this tick.
             Err(e) if e.kind == pb::ErrorKind::Busy => {}
             Err(e) if job.exited.load(Ordering::SeqCst) => return drop(e),
-            Err(e) => eprintln!("ckpt: periodic checkpoint of job {} failed: {e}", job.spec.name),
+            Err(e) => eprintln!(
+                "ckpt: periodic checkpoint of job {} failed: {e}",
+                job.spec.name
+            ),
         }
     }
 }
@@ -848,7 +1026,9 @@ fn pump(fd: OwnedFd, to: i32) -> JoinHandle<()> {
             match src.read(&mut buf) {
                 Ok(0) => return,
                 Ok(n) => {
-                    let r = if to == 2 { io::stderr().lock().write_all(&buf[..n]) } else {
+                    let r = if to == 2 {
+                        io::stderr().lock().write_all(&buf[..n])
+                    } else {
                         let mut o = io::stdout().lock();
                         o.write_all(&buf[..n]).and_then(|_| o.flush())
                     };
@@ -871,7 +1051,10 @@ fn become_subreaper() -> Result<()> {
     // SAFETY: prctl with integer arguments only.
     let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) };
     if r < 0 {
-        bail!("prctl(PR_SET_CHILD_SUBREAPER): {}", io::Error::last_os_error());
+        bail!(
+            "prctl(PR_SET_CHILD_SUBREAPER): {}",
+            io::Error::last_os_error()
+        );
     }
     Ok(())
 }
@@ -882,7 +1065,10 @@ fn init_binary() -> Result<PathBuf> {
     let dir = me.parent().unwrap_or(Path::new("/"));
     let p = dir.join("ckpt-init");
     if !p.exists() {
-        bail!("{} not found: ckpt-init must be installed beside ckpt-job", p.display());
+        bail!(
+            "{} not found: ckpt-init must be installed beside ckpt-job",
+            p.display()
+        );
     }
     Ok(p)
 }
@@ -892,7 +1078,13 @@ fn init_binary() -> Result<PathBuf> {
 fn forward_signals(pid: i32) -> Option<JoinHandle<()>> {
     use nix::sys::signal::{SigSet, SigmaskHow};
     let mut set = SigSet::empty();
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGUSR1, Signal::SIGUSR2] {
+    for s in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ] {
         set.add(s);
     }
     nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None).ok()?;

@@ -49,15 +49,23 @@ impl DigestError {
 
 /// Name, size and BLAKE3 of the regular file at `path`.
 pub fn digest_file(path: &Path) -> Result<FileDigest, DigestError> {
-    digest(path, false)
+    digest(path, false, true)
+}
+
+/// Like [`digest_file`], but one thread reading the file front to back:
+/// for hashing beside another sequential reader (CRIU restoring from the
+/// same file), where both share the page cache and readahead, and neither
+/// starves the other of the two cores.
+pub fn digest_file_sequential(path: &Path) -> Result<FileDigest, DigestError> {
+    digest(path, false, false)
 }
 
 /// Like [`digest_file`], and fsyncs the file through the same descriptor.
 pub fn digest_and_sync(path: &Path) -> Result<FileDigest, DigestError> {
-    digest(path, true)
+    digest(path, true, true)
 }
 
-fn digest(path: &Path, sync: bool) -> Result<FileDigest, DigestError> {
+fn digest(path: &Path, sync: bool, parallel: bool) -> Result<FileDigest, DigestError> {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -95,7 +103,7 @@ fn digest(path: &Path, sync: bool) -> Result<FileDigest, DigestError> {
         path: path.to_path_buf(),
         source,
     };
-    let (hash, size) = if mappable(&meta) {
+    let (hash, size) = if parallel && mappable(&meta) {
         hash_mapped(&file, meta.len()).map_err(read_err)?
     } else {
         hash_reader(&mut file, meta.len()).map_err(read_err)?

@@ -469,7 +469,30 @@ impl ImageStore {
     /// checked) manifest whose names pass `select`. Lets a restore check the
     /// small images before CRIU reads them and the page files while CRIU
     /// restores (the tree is released only once they match).
-    pub fn verify_files(&self, manifest: &Manifest, select: impl Fn(&str) -> bool) -> Result<VerifyReport, StoreError> {
+    pub fn verify_files(
+        &self,
+        manifest: &Manifest,
+        select: impl Fn(&str) -> bool,
+    ) -> Result<VerifyReport, StoreError> {
+        self.verify_files_with(manifest, select, false)
+    }
+
+    /// [`Self::verify_files`] reading each file front to back on one thread
+    /// (see [`crate::digest::digest_file_sequential`]).
+    pub fn verify_files_sequential(
+        &self,
+        manifest: &Manifest,
+        select: impl Fn(&str) -> bool,
+    ) -> Result<VerifyReport, StoreError> {
+        self.verify_files_with(manifest, select, true)
+    }
+
+    fn verify_files_with(
+        &self,
+        manifest: &Manifest,
+        select: impl Fn(&str) -> bool,
+        sequential: bool,
+    ) -> Result<VerifyReport, StoreError> {
         let started = Instant::now();
         let (job, epoch) = (manifest.job.as_str(), manifest.epoch);
         let dir = self.epoch_dir(job, epoch);
@@ -483,7 +506,7 @@ impl ImageStore {
         };
         for (_node, want) in manifest.files().filter(|(_, f)| select(&f.name)) {
             let path = dir.join(&want.name);
-            if let Some(problem) = check_file(&path, want)? {
+            if let Some(problem) = check_file(&path, want, sequential)? {
                 problems.push(FileProblem { path, problem });
             } else {
                 report.files += 1;
@@ -586,7 +609,11 @@ impl ImageStore {
 
 /// What is wrong with one file, or None if it matches. Errors other than a
 /// missing or non-regular file (e.g. EIO) are returned, not listed.
-fn check_file(path: &Path, want: &FileDigest) -> Result<Option<String>, StoreError> {
+fn check_file(
+    path: &Path,
+    want: &FileDigest,
+    sequential: bool,
+) -> Result<Option<String>, StoreError> {
     // Size first: a wrong size needs no hashing.
     match fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Some("missing".into())),
@@ -601,7 +628,11 @@ fn check_file(path: &Path, want: &FileDigest) -> Result<Option<String>, StoreErr
         }
         Ok(_) => {}
     }
-    let got = match digest_file(path) {
+    let got = match if sequential {
+        crate::digest::digest_file_sequential(path)
+    } else {
+        digest_file(path)
+    } {
         Ok(d) => d,
         Err(e) if e.is_missing() => return Ok(Some("missing".into())),
         Err(DigestError::NotRegular { .. }) => return Ok(Some("not a regular file".into())),

@@ -80,7 +80,10 @@ pub struct DumpRequest<'a> {
 
 impl std::fmt::Debug for DumpRequest<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DumpRequest").field("tree", self.tree).field("prefix", &self.prefix).finish()
+        f.debug_struct("DumpRequest")
+            .field("tree", self.tree)
+            .field("prefix", &self.prefix)
+            .finish()
     }
 }
 
@@ -116,13 +119,23 @@ pub enum DumpError {
     #[error("scanning the job's node-local state: {0}")]
     Capture(#[from] capture::CaptureError),
     #[error("saving node-local files into {path}: {source}")]
-    CaptureSave { path: PathBuf, source: pack::PackError },
+    CaptureSave {
+        path: PathBuf,
+        source: pack::PackError,
+    },
     #[error(transparent)]
     Criu(#[from] CriuError),
     #[error("packing CRIU images into {path}: {source}")]
-    Pack { path: PathBuf, source: pack::PackError },
+    Pack {
+        path: PathBuf,
+        source: pack::PackError,
+    },
     #[error("{op} {path}: {source}")]
-    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Follow(#[from] FollowError),
     #[error("the job exited before it could be checkpointed")]
@@ -130,12 +143,20 @@ pub enum DumpError {
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DumpError + 'a {
-    move |source| DumpError::Io { op, path: path.to_path_buf(), source }
+    move |source| DumpError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Checkpoints one tree. On any failure the tree is thawed and left
 /// running untouched; the caller drops the epoch.
-pub fn dump_tree(req: &DumpRequest<'_>, hooks: &mut dyn DumpHooks, notify: &mut dyn NotifyHandler) -> Result<DumpResult, DumpError> {
+pub fn dump_tree(
+    req: &DumpRequest<'_>,
+    hooks: &mut dyn DumpHooks,
+    notify: &mut dyn NotifyHandler,
+) -> Result<DumpResult, DumpError> {
     let t0 = Instant::now();
     hooks.phase(Phase::Freezing);
     req.freezer.freeze(req.freeze_timeout)?;
@@ -189,7 +210,8 @@ fn dump_frozen(
     } else {
         let name = format!("{}.local.pack", req.prefix);
         let path = req.epoch_dir.join(&name);
-        pack::pack_paths(&plan.copy_paths, &path).map_err(|source| DumpError::CaptureSave { path, source })?;
+        pack::pack_paths(&plan.copy_paths, &path)
+            .map_err(|source| DumpError::CaptureSave { path, source })?;
         Some(name)
     };
     let capture_ms = ms(tc.elapsed());
@@ -197,7 +219,10 @@ fn dump_frozen(
     hooks.phase(Phase::Dumping);
     let td = Instant::now();
     let criu_dir = criu_dir(req);
-    fs::DirBuilder::new().mode(0o700).create(&criu_dir).map_err(io_err("create", &criu_dir))?;
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&criu_dir)
+        .map_err(io_err("create", &criu_dir))?;
     let dir_fd = open_dir(&criu_dir)?;
     let mut opts = DumpOptions::new(req.tree.root_pid, dir_fd.as_fd());
     // CRIU never kills the tree: in stop mode the caller does, after commit.
@@ -212,9 +237,12 @@ fn dump_frozen(
     let net = match req.tree.net {
         NetMode::Host => ImageNet::Host,
         NetMode::Private => {
-            let ino = tree::netns_inode(req.tree.root_pid).map_err(io_err("stat netns of", Path::new("/proc")))?;
+            let ino = tree::netns_inode(req.tree.root_pid)
+                .map_err(io_err("stat netns of", Path::new("/proc")))?;
             opts.external.push(format!("net[{ino}]:{NETNS_KEY}"));
-            ImageNet::Private { key: NETNS_KEY.to_string() }
+            ImageNet::Private {
+                key: NETNS_KEY.to_string(),
+            }
         }
     };
     // Page files are hashed and flushed while CRIU writes them.
@@ -235,13 +263,27 @@ fn dump_frozen(
         id: req.tree.id,
         root_pid: req.tree.root_pid,
         net,
-        stdio: plan.stdio_pipes.iter().map(|(fd, inode)| PipeBinding { fd: *fd, inode: *inode }).collect(),
+        stdio: plan
+            .stdio_pipes
+            .iter()
+            .map(|(fd, inode)| PipeBinding {
+                fd: *fd,
+                inode: *inode,
+            })
+            .collect(),
         writable_files: plan
             .writable_files
             .iter()
-            .map(|w| FileSize { path: w.path.display().to_string(), size: w.size })
+            .map(|w| FileSize {
+                path: w.path.display().to_string(),
+                size: w.size,
+            })
             .collect(),
-        captured: plan.copy_paths.iter().map(|p| p.display().to_string()).collect(),
+        captured: plan
+            .copy_paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
         meta_pack: format!("{}.meta.pack", req.prefix),
         pages: Vec::new(),
         local_pack: local_pack.clone(),
@@ -279,8 +321,10 @@ fn criu_dir(req: &DumpRequest<'_>) -> PathBuf {
 fn pack_images(req: &DumpRequest<'_>, result: &mut DumpResult) -> Result<(), DumpError> {
     let criu_dir = criu_dir(req);
     let meta = req.epoch_dir.join(&result.image.meta_pack);
-    pack::pack_dir(&criu_dir, &meta, |name| !is_pages(name))
-        .map_err(|source| DumpError::Pack { path: meta.clone(), source })?;
+    pack::pack_dir(&criu_dir, &meta, |name| !is_pages(name)).map_err(|source| DumpError::Pack {
+        path: meta.clone(),
+        source,
+    })?;
     result.files.push(result.image.meta_pack.clone());
     let mut pages = Vec::new();
     for entry in fs::read_dir(&criu_dir).map_err(io_err("list", &criu_dir))? {
@@ -288,9 +332,14 @@ fn pack_images(req: &DumpRequest<'_>, result: &mut DumpResult) -> Result<(), Dum
         let name = entry.file_name().to_string_lossy().into_owned();
         if is_pages(&name) {
             let to = format!("{}.{}", req.prefix, name);
-            fs::rename(entry.path(), req.epoch_dir.join(&to)).map_err(io_err("move", &entry.path()))?;
+            fs::rename(entry.path(), req.epoch_dir.join(&to))
+                .map_err(io_err("move", &entry.path()))?;
             match result.followed.get(&name) {
-                Some(f) => result.sealed.push(FileDigest { name: to.clone(), size: f.size, blake3: f.blake3.clone() }),
+                Some(f) => result.sealed.push(FileDigest {
+                    name: to.clone(),
+                    size: f.size,
+                    blake3: f.blake3.clone(),
+                }),
                 None => result.files.push(to.clone()),
             }
             pages.push(to);
@@ -309,16 +358,30 @@ pub fn is_pages(name: &str) -> bool {
 
 /// A page file as named in the epoch directory (`<node>.t<id>.pages-<n>.img`).
 pub fn is_epoch_pages(name: &str) -> bool {
-    name.rsplit_once('.').is_some_and(|(stem, ext)| ext == "img" && stem.rsplit('.').next().is_some_and(|p| p.starts_with("pages-")))
+    name.rsplit_once('.').is_some_and(|(stem, ext)| {
+        ext == "img"
+            && stem
+                .rsplit('.')
+                .next()
+                .is_some_and(|p| p.starts_with("pages-"))
+    })
 }
 
 pub(crate) fn open_dir(path: &Path) -> Result<OwnedFd, DumpError> {
-    open(path, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
-        .map(|fd| {
-            // SAFETY: fresh descriptor returned by open, owned by nobody else.
-            unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
-        })
-        .map_err(|e| DumpError::Io { op: "open", path: path.to_path_buf(), source: e.into() })
+    open(
+        path,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map(|fd| {
+        // SAFETY: fresh descriptor returned by open, owned by nobody else.
+        unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+    })
+    .map_err(|e| DumpError::Io {
+        op: "open",
+        path: path.to_path_buf(),
+        source: e.into(),
+    })
 }
 
 pub(crate) fn ms(d: Duration) -> f64 {

@@ -24,7 +24,12 @@ pub enum FreezerError {
         source: io::Error,
     },
     #[error("cgroup {path} did not reach state {want} within {waited:?} (last seen: {seen})")]
-    Timeout { path: PathBuf, want: &'static str, seen: String, waited: Duration },
+    Timeout {
+        path: PathBuf,
+        want: &'static str,
+        seen: String,
+        waited: Duration,
+    },
 }
 
 /// What the agent needs of a freezer; a seam for tests of the coordination
@@ -59,7 +64,11 @@ impl CgroupFreezer {
     pub fn create(name: &str) -> Result<Self, FreezerError> {
         let (root, version) = Self::hierarchy()?;
         let dir = root.join("ckpt").join(name);
-        fs::create_dir_all(&dir).map_err(|source| FreezerError::Io { op: "create", path: dir.clone(), source })?;
+        fs::create_dir_all(&dir).map_err(|source| FreezerError::Io {
+            op: "create",
+            path: dir.clone(),
+            source,
+        })?;
         let me = Self { dir, version };
         // A cgroup left frozen by a crashed agent would hang the new tree.
         me.thaw()?;
@@ -67,7 +76,9 @@ impl CgroupFreezer {
     }
 
     fn hierarchy() -> Result<(PathBuf, Version), FreezerError> {
-        if Path::new(V1_ROOT).join("freezer.state").exists() || Path::new(V1_ROOT).join("tasks").exists() {
+        if Path::new(V1_ROOT).join("freezer.state").exists()
+            || Path::new(V1_ROOT).join("tasks").exists()
+        {
             return Ok((PathBuf::from(V1_ROOT), Version::V1));
         }
         for c in V2_CANDIDATES {
@@ -75,7 +86,10 @@ impl CgroupFreezer {
                 return Ok((PathBuf::from(c), Version::V2));
             }
         }
-        Err(FreezerError::NotAvailable { v1: V1_ROOT.into(), v2: V2_CANDIDATES.join(" or ") })
+        Err(FreezerError::NotAvailable {
+            v1: V1_ROOT.into(),
+            v2: V2_CANDIDATES.join(" or "),
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -85,7 +99,11 @@ impl CgroupFreezer {
     /// Pids currently in the cgroup.
     pub fn pids(&self) -> Result<Vec<i32>, FreezerError> {
         let path = self.procs_file();
-        let text = fs::read_to_string(&path).map_err(|source| FreezerError::Io { op: "read", path, source })?;
+        let text = fs::read_to_string(&path).map_err(|source| FreezerError::Io {
+            op: "read",
+            path,
+            source,
+        })?;
         Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
     }
 
@@ -94,18 +112,30 @@ impl CgroupFreezer {
         match fs::remove_dir(&self.dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(FreezerError::Io { op: "remove", path: self.dir.clone(), source }),
+            Err(source) => Err(FreezerError::Io {
+                op: "remove",
+                path: self.dir.clone(),
+                source,
+            }),
         }
     }
 
     fn write(&self, file: &str, value: &str) -> Result<(), FreezerError> {
         let path = self.dir.join(file);
-        fs::write(&path, value).map_err(|source| FreezerError::Io { op: "write", path, source })
+        fs::write(&path, value).map_err(|source| FreezerError::Io {
+            op: "write",
+            path,
+            source,
+        })
     }
 
     fn read(&self, file: &str) -> Result<String, FreezerError> {
         let path = self.dir.join(file);
-        fs::read_to_string(&path).map_err(|source| FreezerError::Io { op: "read", path, source })
+        fs::read_to_string(&path).map_err(|source| FreezerError::Io {
+            op: "read",
+            path,
+            source,
+        })
     }
 
     fn is_frozen(&self) -> Result<(bool, String), FreezerError> {
@@ -140,7 +170,12 @@ impl Freezer for CgroupFreezer {
             }
             if start.elapsed() >= timeout {
                 let _ = self.thaw();
-                return Err(FreezerError::Timeout { path: self.dir.clone(), want: "frozen", seen, waited: timeout });
+                return Err(FreezerError::Timeout {
+                    path: self.dir.clone(),
+                    want: "frozen",
+                    seen,
+                    waited: timeout,
+                });
             }
             thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(20));

@@ -34,18 +34,28 @@ pub struct RestoreRequest<'a> {
 
 impl std::fmt::Debug for RestoreRequest<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RestoreRequest").field("epoch_dir", &self.epoch_dir).field("tree", &self.image.id).finish()
+        f.debug_struct("RestoreRequest")
+            .field("epoch_dir", &self.epoch_dir)
+            .field("tree", &self.image.id)
+            .finish()
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
     #[error("unpacking {path}: {source}")]
-    Unpack { path: PathBuf, source: pack::UnpackError },
+    Unpack {
+        path: PathBuf,
+        source: pack::UnpackError,
+    },
     #[error("putting back node-local files: {0}")]
     Capture(#[from] capture::CaptureError),
     #[error("{op} {path}: {source}")]
-    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("creating a network namespace for the tree: {0}")]
     Netns(std::io::Error),
     #[error("the image has no pipe for the job's fd {fd} (inode {inode}) to be reconnected to")]
@@ -56,25 +66,43 @@ pub enum RestoreError {
 
 /// Restores the tree; returns the host PID of its (new) root, a child of
 /// the calling process. Processes run again when this returns.
-pub fn restore_tree(req: &RestoreRequest<'_>, notify: &mut dyn NotifyHandler) -> Result<i32, RestoreError> {
+pub fn restore_tree(
+    req: &RestoreRequest<'_>,
+    notify: &mut dyn NotifyHandler,
+) -> Result<i32, RestoreError> {
     let meta = req.epoch_dir.join(&req.image.meta_pack);
     fs::DirBuilder::new()
         .mode(0o700)
         .recursive(true)
         .create(req.staging)
-        .map_err(|source| RestoreError::Io { op: "create", path: req.staging.to_path_buf(), source })?;
-    pack::unpack_to_dir(&meta, req.staging).map_err(|source| RestoreError::Unpack { path: meta.clone(), source })?;
+        .map_err(|source| RestoreError::Io {
+            op: "create",
+            path: req.staging.to_path_buf(),
+            source,
+        })?;
+    pack::unpack_to_dir(&meta, req.staging).map_err(|source| RestoreError::Unpack {
+        path: meta.clone(),
+        source,
+    })?;
     let prefix = req.image.meta_pack.trim_end_matches(".meta.pack");
     for name in &req.image.pages {
-        let criu_name = name.strip_prefix(prefix).and_then(|n| n.strip_prefix('.')).unwrap_or(name);
+        let criu_name = name
+            .strip_prefix(prefix)
+            .and_then(|n| n.strip_prefix('.'))
+            .unwrap_or(name);
         let link = req.staging.join(criu_name);
-        symlink(req.epoch_dir.join(name), &link).map_err(|source| RestoreError::Io { op: "link", path: link, source })?;
+        symlink(req.epoch_dir.join(name), &link).map_err(|source| RestoreError::Io {
+            op: "link",
+            path: link,
+            source,
+        })?;
     }
     if let Some(local) = &req.image.local_pack {
         let path = req.epoch_dir.join(local);
         let roots: Vec<&Path> = LOCAL_ROOTS.iter().map(Path::new).collect();
         create_missing_parents(&path, &roots)?;
-        pack::unpack_paths(&path, &roots).map_err(|source| RestoreError::Unpack { path, source })?;
+        pack::unpack_paths(&path, &roots)
+            .map_err(|source| RestoreError::Unpack { path, source })?;
     }
     if let (Some(dir), Some(bin)) = (&req.image.init_dir, &req.image.init_binary) {
         install_init(Path::new(dir), &req.epoch_dir.join(bin))?;
@@ -83,7 +111,11 @@ pub fn restore_tree(req: &RestoreRequest<'_>, notify: &mut dyn NotifyHandler) ->
         .image
         .writable_files
         .iter()
-        .map(|f| WritableFile { path: PathBuf::from(&f.path), size: f.size, append: false })
+        .map(|f| WritableFile {
+            path: PathBuf::from(&f.path),
+            size: f.size,
+            append: false,
+        })
         .collect();
     capture::restore_writable_sizes(&writable)?;
 
@@ -105,7 +137,10 @@ pub fn restore_tree(req: &RestoreRequest<'_>, notify: &mut dyn NotifyHandler) ->
     opts.join_cgroup_procs = vec![req.freezer.procs_file()];
     opts.join_cgroup_procs.extend(req.cgroups.iter().cloned());
     if let (Some(fd), ImageNet::Private { key }) = (&netns, &req.image.net) {
-        opts.inherit_fd.push(InheritFd { fd: fd.as_fd(), key: key.clone() });
+        opts.inherit_fd.push(InheritFd {
+            fd: fd.as_fd(),
+            key: key.clone(),
+        });
     }
     let mut seen = Vec::new();
     for b in &req.image.stdio {
@@ -118,8 +153,14 @@ pub fn restore_tree(req: &RestoreRequest<'_>, notify: &mut dyn NotifyHandler) ->
             .iter()
             .find(|(ino, _)| *ino == b.inode)
             .map(|(_, fd)| *fd)
-            .ok_or(RestoreError::Stdio { fd: b.fd, inode: b.inode })?;
-        opts.inherit_fd.push(InheritFd { fd, key: format!("pipe:[{}]", b.inode) });
+            .ok_or(RestoreError::Stdio {
+                fd: b.fd,
+                inode: b.inode,
+            })?;
+        opts.inherit_fd.push(InheritFd {
+            fd,
+            key: format!("pipe:[{}]", b.inode),
+        });
     }
     let outcome = req.criu.restore(&opts, notify)?;
     Ok(outcome.pid)
@@ -135,18 +176,29 @@ pub fn restore_tree(req: &RestoreRequest<'_>, notify: &mut dyn NotifyHandler) ->
 fn create_missing_parents(pack_path: &Path, roots: &[&Path]) -> Result<(), RestoreError> {
     use std::collections::BTreeSet;
 
-    let entries = pack::list(pack_path).map_err(|source| RestoreError::Unpack { path: pack_path.to_path_buf(), source })?;
+    let entries = pack::list(pack_path).map_err(|source| RestoreError::Unpack {
+        path: pack_path.to_path_buf(),
+        source,
+    })?;
     let names: BTreeSet<&str> = entries.iter().map(|e| e.name.as_str()).collect();
     for e in &entries {
         let path = Path::new(&e.name);
-        let Some(parent) = path.parent() else { continue };
+        let Some(parent) = path.parent() else {
+            continue;
+        };
         if names.contains(parent.to_str().unwrap_or_default()) {
             continue; // created by the pack itself, before this entry
         }
-        let Some(root) = roots.iter().filter(|r| parent.starts_with(r)).max_by_key(|r| r.components().count()) else {
+        let Some(root) = roots
+            .iter()
+            .filter(|r| parent.starts_with(r))
+            .max_by_key(|r| r.components().count())
+        else {
             continue; // unpack_paths refuses it with a precise error
         };
-        let Ok(rel) = parent.strip_prefix(root) else { continue };
+        let Ok(rel) = parent.strip_prefix(root) else {
+            continue;
+        };
         if rel.as_os_str().is_empty() {
             continue;
         }
@@ -164,12 +216,17 @@ fn ensure_dirs_beneath(root: &Path, rel: &Path, uid: u32, gid: u32) -> Result<()
     use nix::unistd::{fchown, Gid, Uid};
 
     let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let io = |op: &'static str, path: &Path, e: Errno| RestoreError::Io { op, path: path.to_path_buf(), source: e.into() };
+    let io = |op: &'static str, path: &Path, e: Errno| RestoreError::Io {
+        op,
+        path: path.to_path_buf(),
+        source: e.into(),
+    };
     let own = |fd: i32| {
         // SAFETY: fd was just returned by open/openat and is owned by nobody else.
         unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
     };
-    let mut dir = own(nix::fcntl::open(root, dir_flags, Mode::empty()).map_err(|e| io("open", root, e))?);
+    let mut dir =
+        own(nix::fcntl::open(root, dir_flags, Mode::empty()).map_err(|e| io("open", root, e))?);
     let mut at = root.to_path_buf();
     for c in rel.components() {
         let Component::Normal(name) = c else {
@@ -188,9 +245,14 @@ fn ensure_dirs_beneath(root: &Path, rel: &Path, uid: u32, gid: u32) -> Result<()
                     Ok(()) | Err(Errno::EEXIST) => {}
                     Err(e) => return Err(io("create directory", &at, e)),
                 }
-                let fd = own(openat(Some(raw), name, dir_flags, Mode::empty()).map_err(|e| io("open", &at, e))?);
-                fchown(std::os::fd::AsRawFd::as_raw_fd(&fd), Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
-                    .map_err(|e| io("chown", &at, e))?;
+                let fd = own(openat(Some(raw), name, dir_flags, Mode::empty())
+                    .map_err(|e| io("open", &at, e))?);
+                fchown(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    Some(Uid::from_raw(uid)),
+                    Some(Gid::from_raw(gid)),
+                )
+                .map_err(|e| io("chown", &at, e))?;
                 tracing::debug!(path = %at.display(), uid, gid, "created a missing parent of captured node-local files");
                 fd
             }
@@ -220,7 +282,11 @@ pub fn install_init(dir: &Path, binary: &Path) -> Result<PathBuf, RestoreError> 
         let path = path.to_path_buf();
         move |source| RestoreError::Io { op, path, source }
     };
-    fs::DirBuilder::new().mode(0o700).recursive(true).create(dir).map_err(io("create", dir))?;
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(dir)
+        .map_err(io("create", dir))?;
     let meta = fs::symlink_metadata(dir).map_err(io("stat", dir))?;
     if !meta.is_dir() || std::os::unix::fs::MetadataExt::uid(&meta) != 0 {
         return Err(RestoreError::Io {

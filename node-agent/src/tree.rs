@@ -74,7 +74,12 @@ pub fn spawn(spec: &TreeSpec) -> Result<i32, TreeError> {
     // multithreaded; locks held by other threads are never released there).
     let init = cstring(spec.init.as_os_str().as_bytes(), "init path")?;
     // The init stays root; it drops to the job's credentials in its child.
-    let groups_arg = spec.groups.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(",");
+    let groups_arg = spec
+        .groups
+        .iter()
+        .map(|g| g.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     let mut argv = vec![init.clone()];
     for (opt, val) in [
         ("--uid", spec.uid.to_string().into_bytes()),
@@ -114,8 +119,11 @@ pub fn spawn(spec: &TreeSpec) -> Result<i32, TreeError> {
             devnull.as_raw_fd()
         }
     };
-    let cgroup_fds =
-        spec.cgroups.iter().map(|p| open_fd(p, OFlag::O_WRONLY)).collect::<Result<Vec<_>, _>>()?;
+    let cgroup_fds = spec
+        .cgroups
+        .iter()
+        .map(|p| open_fd(p, OFlag::O_WRONLY))
+        .collect::<Result<Vec<_>, _>>()?;
     let cgroup_raw: Vec<i32> = cgroup_fds.iter().map(|f| f.as_raw_fd()).collect();
     let lo_name = *b"lo\0";
 
@@ -137,7 +145,16 @@ pub fn spawn(spec: &TreeSpec) -> Result<i32, TreeError> {
     // SAFETY: clone without CLONE_VM and without a new stack behaves like
     // fork(2); the child runs only `child.exec()`, which makes raw,
     // async-signal-safe system calls and ends in execve or _exit.
-    let pid = unsafe { libc::syscall(libc::SYS_clone, (flags | libc::SIGCHLD) as libc::c_ulong, 0usize, 0usize, 0usize, 0usize) };
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (flags | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
     if pid < 0 {
         return Err(TreeError::Clone(io::Error::last_os_error()));
     }
@@ -161,7 +178,10 @@ fn open_fd(path: &Path, flags: OFlag) -> Result<OwnedFd, TreeError> {
             // SAFETY: open returned a fresh descriptor that nothing else owns.
             unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
         })
-        .map_err(|source| TreeError::Open { path: path.to_path_buf(), source })
+        .map_err(|source| TreeError::Open {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 struct ChildPlan<'a> {
@@ -190,8 +210,8 @@ impl ChildPlan<'_> {
     /// # Safety
     /// Must only be called in the child right after clone; it never returns.
     unsafe fn exec(&self) -> ! {
-        // SAFETY (whole block): raw system calls on descriptors and buffers
-        // prepared by the parent and alive in this copy of its memory.
+        // SAFETY: raw, async-signal-safe system calls on descriptors and
+        // buffers the parent prepared, alive in this copy of its memory.
         unsafe {
             for fd in self.cgroups {
                 if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
@@ -206,7 +226,13 @@ impl ChildPlan<'_> {
             if libc::setsid() < 0 {
                 fail(b"ckpt: setsid failed\n");
             }
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
             if self.lo_up {
                 let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
                 let mut ifr: libc::ifreq = std::mem::zeroed();
@@ -249,8 +275,12 @@ pub fn new_private_netns() -> io::Result<OwnedFd> {
     std::thread::spawn(|| -> io::Result<OwnedFd> {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
         loopback_up()?;
-        let fd = open(Path::new("/proc/thread-self/ns/net"), OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
-            .map_err(io::Error::from)?;
+        let fd = open(
+            Path::new("/proc/thread-self/ns/net"),
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io::Error::from)?;
         // SAFETY: fresh descriptor from open, owned by nobody else.
         Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
     })

@@ -82,7 +82,9 @@ mod tests {
     fn round_trip() {
         let req = pb::Request {
             version: pb::Version::Version1 as i32,
-            op: Some(pb::request::Op::Checkpoint(pb::CheckpointRequest { stop: true })),
+            op: Some(pb::request::Op::Checkpoint(pb::CheckpointRequest {
+                stop: true,
+            })),
         };
         let mut buf = Vec::new();
         write_frame(&mut buf, &req).unwrap();
@@ -100,14 +102,21 @@ mod tests {
 
     #[test]
     fn truncated_frame_is_an_error() {
-        let req = pb::Request { version: 1, op: Some(pb::request::Op::Status(pb::StatusRequest {})) };
+        let req = pb::Request {
+            version: 1,
+            op: Some(pb::request::Op::Status(pb::StatusRequest {})),
+        };
         let mut buf = Vec::new();
         write_frame(&mut buf, &req).unwrap();
         buf.truncate(buf.len() - 1);
         let err = read_frame::<_, pb::Request>(&mut buf.as_slice(), DEFAULT_MAX_FRAME).unwrap_err();
         assert!(matches!(err, FrameError::Truncated { .. }), "{err}");
-        let err = read_frame::<_, pb::Request>(&mut [0u8, 0].as_slice(), DEFAULT_MAX_FRAME).unwrap_err();
-        assert!(matches!(err, FrameError::Truncated { got: 2, want: 4 }), "{err}");
+        let err =
+            read_frame::<_, pb::Request>(&mut [0u8, 0].as_slice(), DEFAULT_MAX_FRAME).unwrap_err();
+        assert!(
+            matches!(err, FrameError::Truncated { got: 2, want: 4 }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -120,7 +129,8 @@ mod tests {
 
     #[test]
     fn empty_stream_is_closed() {
-        let err = read_frame::<_, pb::Request>(&mut [0u8; 0].as_slice(), DEFAULT_MAX_FRAME).unwrap_err();
+        let err =
+            read_frame::<_, pb::Request>(&mut [0u8; 0].as_slice(), DEFAULT_MAX_FRAME).unwrap_err();
         assert!(matches!(err, FrameError::Closed));
     }
 }

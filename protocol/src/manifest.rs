@@ -847,12 +847,17 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("cluster.key");
             let keys: Vec<[u8; 32]> = std::thread::scope(|s| {
-                let hs: Vec<_> = (0..8).map(|_| s.spawn(|| Key::load_or_generate(&path).map(|k| k.0))).collect();
+                let hs: Vec<_> = (0..8)
+                    .map(|_| s.spawn(|| Key::load_or_generate(&path).map(|k| k.0)))
+                    .collect();
                 hs.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
             });
             assert!(keys.iter().all(|k| *k == keys[0]));
             assert_eq!(Key::load(&path).unwrap().0, keys[0]);
-            let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+            let names: Vec<_> = fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
             assert_eq!(names.len(), 1, "temporary files left: {names:?}");
         }
     }

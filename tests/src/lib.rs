@@ -31,15 +31,27 @@ pub enum Prereq {
 }
 
 fn missing(p: Prereq) -> Option<String> {
-    let have = |bin: &str| Command::new("sh").args(["-c", &format!("command -v {bin}")]).output().is_ok_and(|o| o.status.success());
+    let have = |bin: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {bin}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
     match p {
-        Prereq::Root => (!nix::unistd::geteuid().is_root()).then(|| "not running as root".to_string()),
+        Prereq::Root => {
+            (!nix::unistd::geteuid().is_root()).then(|| "not running as root".to_string())
+        }
         Prereq::Criu => {
-            let ok = Command::new(criu_bin()).arg("--version").output().is_ok_and(|o| o.status.success());
+            let ok = Command::new(criu_bin())
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success());
             (!ok).then(|| format!("no working criu at {}", criu_bin()))
         }
-        Prereq::OpenMpi => (!have("mpirun.openmpi") || !have("mpicc.openmpi")).then(|| "Open MPI (mpirun.openmpi, mpicc.openmpi) not installed".into()),
-        Prereq::Mpich => (!have("mpirun.mpich") || !have("mpicc.mpich")).then(|| "MPICH (mpirun.mpich, mpicc.mpich) not installed".into()),
+        Prereq::OpenMpi => (!have("mpirun.openmpi") || !have("mpicc.openmpi"))
+            .then(|| "Open MPI (mpirun.openmpi, mpicc.openmpi) not installed".into()),
+        Prereq::Mpich => (!have("mpirun.mpich") || !have("mpicc.mpich"))
+            .then(|| "MPICH (mpirun.mpich, mpicc.mpich) not installed".into()),
     }
 }
 
@@ -59,7 +71,10 @@ pub fn require(test: &str, prereqs: &[Prereq]) -> bool {
     if why.is_empty() {
         return true;
     }
-    let msg = format!("{test}: prerequisite missing: {} (run scripts/bootstrap.sh as root)", why.join("; "));
+    let msg = format!(
+        "{test}: prerequisite missing: {} (run scripts/bootstrap.sh as root)",
+        why.join("; ")
+    );
     if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
         panic!("{msg}");
     }
@@ -131,7 +146,10 @@ impl Env {
     /// `extra` is appended to the generated config.
     pub fn with_config(extra: &str) -> Self {
         // /var/tmp: a real disk filesystem, like a shared FS would be.
-        let dir = tempfile::Builder::new().prefix("ckpt-e2e-").tempdir_in("/var/tmp").unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("ckpt-e2e-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
         let root = dir.path();
         let ckpt_dir = root.join("images");
         let run_dir = root.join("run");
@@ -145,7 +163,12 @@ impl Env {
         );
         text.push_str(extra);
         fs::write(&config, text).unwrap();
-        Self { dir, config, ckpt_dir, run_dir }
+        Self {
+            dir,
+            config,
+            ckpt_dir,
+            run_dir,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -181,14 +204,23 @@ impl Env {
         }
         args.push(name);
         let out = self.ckpt(&args);
-        assert!(out.status.success(), "checkpoint of {name} failed:\n{}", text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "checkpoint of {name} failed:\n{}",
+            text(&out.stderr)
+        );
         out
     }
 
     /// Starts `ckpt-job run [opts] --name NAME -- CMD…` in the background.
     pub fn run<S: AsRef<OsStr>>(&self, name: &str, opts: &[&str], command: &[S]) -> Job {
         let mut c = self.cmd();
-        c.arg("run").arg("--name").arg(name).args(opts).arg("--").args(command);
+        c.arg("run")
+            .arg("--name")
+            .arg(name)
+            .args(opts)
+            .arg("--")
+            .args(command);
         Job::spawn(c, self.path(), &format!("{name}.run"))
     }
 
@@ -224,7 +256,9 @@ pub struct Finished {
 
 impl Finished {
     pub fn code(&self) -> i32 {
-        self.status.code().unwrap_or_else(|| 128 + self.status.signal().unwrap_or(0))
+        self.status
+            .code()
+            .unwrap_or_else(|| 128 + self.status.signal().unwrap_or(0))
     }
 }
 
@@ -238,9 +272,15 @@ impl Job {
             }
             n += 1;
         };
-        c.stdin(Stdio::null()).stdout(fs::File::create(&stdout).unwrap()).stderr(fs::File::create(&stderr).unwrap());
+        c.stdin(Stdio::null())
+            .stdout(fs::File::create(&stdout).unwrap())
+            .stderr(fs::File::create(&stderr).unwrap());
         let child = c.spawn().expect("spawning ckpt-job");
-        Self { child: Some(child), stdout, stderr }
+        Self {
+            child: Some(child),
+            stdout,
+            stderr,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -265,10 +305,19 @@ impl Job {
             }
             if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(st)) = c.try_wait() {
-                    panic!("job ended ({st}) before printing {needle:?}\nstdout:\n{}\nstderr:\n{}", self.out(), self.err());
+                    panic!(
+                        "job ended ({st}) before printing {needle:?}\nstdout:\n{}\nstderr:\n{}",
+                        self.out(),
+                        self.err()
+                    );
                 }
             }
-            assert!(start.elapsed() < timeout, "no {needle:?} after {timeout:?}\nstdout:\n{}\nstderr:\n{}", self.out(), self.err());
+            assert!(
+                start.elapsed() < timeout,
+                "no {needle:?} after {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                self.out(),
+                self.err()
+            );
             sleep(Duration::from_millis(20));
         }
     }
@@ -284,11 +333,19 @@ impl Job {
             if start.elapsed() > timeout {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("job did not end within {timeout:?}\nstdout:\n{}\nstderr:\n{}", self.out(), self.err());
+                panic!(
+                    "job did not end within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                    self.out(),
+                    self.err()
+                );
             }
             sleep(Duration::from_millis(20));
         };
-        Finished { status, stdout: self.out(), stderr: self.err() }
+        Finished {
+            status,
+            stdout: self.out(),
+            stderr: self.err(),
+        }
     }
 }
 
@@ -305,7 +362,11 @@ impl Drop for Job {
 
 /// Runs a command to completion with a deadline (killed and panics after).
 pub fn run_with_timeout(mut c: Command, timeout: Duration) -> Output {
-    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
     let mut out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
     let t_out = std::thread::spawn(move || {
@@ -330,7 +391,11 @@ pub fn run_with_timeout(mut c: Command, timeout: Duration) -> Output {
         }
         sleep(Duration::from_millis(10));
     };
-    Output { status, stdout: t_out.join().unwrap(), stderr: t_err.join().unwrap() }
+    Output {
+        status,
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    }
 }
 
 /// Runs a workload directly (no ckpt) for the reference output.
@@ -338,7 +403,12 @@ pub fn reference_run<S: AsRef<OsStr>>(command: &[S], timeout: Duration) -> Outpu
     let mut c = Command::new(command[0].as_ref());
     c.args(&command[1..]).stdin(Stdio::null());
     let out = run_with_timeout(c, timeout);
-    assert!(out.status.success(), "reference run of {:?} failed:\n{}", command[0].as_ref(), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "reference run of {:?} failed:\n{}",
+        command[0].as_ref(),
+        text(&out.stderr)
+    );
     out
 }
 
@@ -356,36 +426,62 @@ pub fn result_line(out: &str) -> Option<&str> {
 
 /// Parses a command's stdout as JSON (panics with the output if it is not).
 pub fn json_of(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}):\nstdout:\n{}\nstderr:\n{}", text(&out.stdout), text(&out.stderr)))
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}):\nstdout:\n{}\nstderr:\n{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        )
+    })
 }
 
 impl Env {
     /// `ckpt-job status --json NAME`, which must succeed.
     pub fn status_json(&self, name: &str) -> serde_json::Value {
         let out = self.ckpt(&["status", "--json", name]);
-        assert!(out.status.success(), "status --json {name} failed:\n{}", text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "status --json {name} failed:\n{}",
+            text(&out.stderr)
+        );
         json_of(&out)
     }
 
     /// Host pid of a running job's root (its init), from `status --json`.
     pub fn root_pid(&self, name: &str) -> i32 {
         let v = self.status_json(name);
-        let pid = v["pid"].as_i64().unwrap_or_else(|| panic!("status of {name} has no pid: {v}"));
+        let pid = v["pid"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("status of {name} has no pid: {v}"));
         i32::try_from(pid).unwrap()
     }
 
     /// Runs a short `ckpt-job` command as another user (`setpriv`).
     pub fn ckpt_as<S: AsRef<OsStr>>(&self, uid: u32, gid: u32, args: &[S]) -> Output {
         let mut c = as_user(uid, gid, &ckpt_job_bin());
-        c.arg("--config").arg(&self.config).args(args).stdin(Stdio::null());
+        c.arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::null());
         run_with_timeout(c, Duration::from_secs(120))
     }
 
     /// Like [`Env::run`], with the supervisor (and so the job) started in `cwd`.
-    pub fn run_in<S: AsRef<OsStr>>(&self, name: &str, cwd: &Path, opts: &[&str], command: &[S]) -> Job {
+    pub fn run_in<S: AsRef<OsStr>>(
+        &self,
+        name: &str,
+        cwd: &Path,
+        opts: &[&str],
+        command: &[S],
+    ) -> Job {
         let mut c = self.cmd();
-        c.current_dir(cwd).arg("run").arg("--name").arg(name).args(opts).arg("--").args(command);
+        c.current_dir(cwd)
+            .arg("run")
+            .arg("--name")
+            .arg(name)
+            .args(opts)
+            .arg("--")
+            .args(command);
         Job::spawn(c, self.path(), &format!("{name}.run"))
     }
 
@@ -417,7 +513,10 @@ pub fn committed_epochs_in(root: &Path, job: &str) -> Vec<u64> {
 /// `setpriv --reuid=UID --regid=GID --clear-groups PROGRAM`.
 pub fn as_user(uid: u32, gid: u32, program: &Path) -> Command {
     let mut c = Command::new("setpriv");
-    c.arg(format!("--reuid={uid}")).arg(format!("--regid={gid}")).arg("--clear-groups").arg(program);
+    c.arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .arg(program);
     c
 }
 
@@ -431,7 +530,9 @@ pub fn tree_pids(root: i32) -> Vec<i32> {
             continue;
         }
         out.push(p);
-        let Ok(tasks) = fs::read_dir(format!("/proc/{p}/task")) else { continue };
+        let Ok(tasks) = fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
         for t in tasks.flatten() {
             if let Ok(s) = fs::read_to_string(t.path().join("children")) {
                 todo.extend(s.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
@@ -445,7 +546,10 @@ pub fn tree_pids(root: i32) -> Vec<i32> {
 /// The real uid of a process (`Uid:` of /proc/<pid>/status).
 pub fn proc_uid(pid: i32) -> Option<u32> {
     let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|l| l.split_whitespace().next()).and_then(|u| u.parse().ok())
+    s.lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
 }
 
 /// Checks that `out` is a non-empty tail of `reference`, made of whole lines,
@@ -454,7 +558,11 @@ pub fn assert_suffix_of(reference: &str, out: &str, what: &str) {
     let want = result_line(reference).expect("reference has no RESULT line");
     assert!(!out.is_empty(), "{what}: no output at all");
     assert!(reference.ends_with(out), "{what}: output is not a suffix of the uninterrupted run\n--- got:\n{out}\n--- reference:\n{reference}");
-    assert!(out.len() == reference.len() || reference.as_bytes()[reference.len() - out.len() - 1] == b'\n', "{what}: output starts mid-line:\n{out}");
+    assert!(
+        out.len() == reference.len()
+            || reference.as_bytes()[reference.len() - out.len() - 1] == b'\n',
+        "{what}: output starts mid-line:\n{out}"
+    );
     assert_eq!(result_line(out), Some(want), "{what}: RESULT differs");
 }
 
@@ -470,12 +578,24 @@ impl Tmpfs {
     pub fn mount(path: &Path, size: &str) -> Self {
         fs::create_dir_all(path).unwrap();
         let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "ckpt-e2e-tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "ckpt-e2e-tmpfs",
+            ])
             .arg(path)
             .status()
             .expect("running mount");
-        assert!(st.success(), "mounting a tmpfs on {} failed", path.display());
-        Self { path: path.to_path_buf() }
+        assert!(
+            st.success(),
+            "mounting a tmpfs on {} failed",
+            path.display()
+        );
+        Self {
+            path: path.to_path_buf(),
+        }
     }
 
     /// (total, available) bytes.
@@ -494,7 +614,11 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let ok = Command::new("umount").arg(&self.path).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+        let ok = Command::new("umount")
+            .arg(&self.path)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
         if !ok {
             let _ = Command::new("umount").arg("-l").arg(&self.path).status();
         }
@@ -521,7 +645,13 @@ impl PidSquatters {
             if fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid - 1)).is_err() {
                 return false;
             }
-            let Ok(mut c) = Command::new("sleep").arg("60").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn() else {
+            let Ok(mut c) = Command::new("sleep")
+                .arg("60")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+            else {
                 return false;
             };
             if c.id() as i32 == pid {
@@ -551,11 +681,18 @@ impl Drop for PidSquatters {
 /// Freezer cgroups (`ckpt/<job>-<pid>`) that exist for `job`.
 pub fn job_cgroups(job: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    for root in ["/sys/fs/cgroup/freezer/ckpt", "/sys/fs/cgroup/unified/ckpt", "/sys/fs/cgroup/ckpt"] {
+    for root in [
+        "/sys/fs/cgroup/freezer/ckpt",
+        "/sys/fs/cgroup/unified/ckpt",
+        "/sys/fs/cgroup/ckpt",
+    ] {
         if let Ok(rd) = fs::read_dir(root) {
             for e in rd.flatten() {
                 let n = e.file_name().to_string_lossy().into_owned();
-                if n.strip_prefix(job).and_then(|r| r.strip_prefix('-')).is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit())) {
+                if n.strip_prefix(job)
+                    .and_then(|r| r.strip_prefix('-'))
+                    .is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
+                {
                     out.push(e.path());
                 }
             }
@@ -569,7 +706,9 @@ pub fn pids_mentioning(needle: &str) -> Vec<i32> {
     let mut out = Vec::new();
     let me = std::process::id() as i32;
     for e in fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
         if pid == me {
             continue;
         }

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ckpt_e2e::{
-    assert_suffix_of, example, job_cgroups, json_of, pids_mentioning, reference_run, require, result_line, text, Env, Prereq, Tmpfs,
+    assert_suffix_of, example, job_cgroups, json_of, pids_mentioning, reference_run, require,
+    result_line, text, Env, Prereq, Tmpfs,
 };
 
 const T: Duration = Duration::from_secs(60);
@@ -35,15 +36,31 @@ fn stopped_job(name: &str) -> Stopped {
     let env = Env::new();
     let prog = example("threads");
     let ref_dir = env.workdir("reference");
-    let expected = text(&reference_run(&[prog.as_os_str(), ref_dir.as_os_str(), "30".as_ref()], T).stdout);
+    let expected =
+        text(&reference_run(&[prog.as_os_str(), ref_dir.as_os_str(), "30".as_ref()], T).stdout);
     let work = env.workdir("job");
-    let mut job = env.run(name, &[], &[prog.as_os_str(), work.as_os_str(), "30".as_ref()]);
+    let mut job = env.run(
+        name,
+        &[],
+        &[prog.as_os_str(), work.as_os_str(), "30".as_ref()],
+    );
     job.wait_for("step 10 ", T);
     env.checkpoint(name, true);
     let first = job.wait(T);
-    assert_eq!(first.code(), 75, "run after checkpoint --stop: {}", first.stderr);
+    assert_eq!(
+        first.code(),
+        75,
+        "run after checkpoint --stop: {}",
+        first.stderr
+    );
     assert_eq!(env.committed_epochs(name), vec![1]);
-    Stopped { env, name: name.to_string(), work, expected, first: first.stdout }
+    Stopped {
+        env,
+        name: name.to_string(),
+        work,
+        expected,
+        first: first.stdout,
+    }
 }
 
 /// `ckpt-job restart ARGS` that must be refused, and must leave nothing
@@ -60,18 +77,45 @@ fn refused_restart(s: &Stopped, args: &[&str]) -> std::process::Output {
 
 fn assert_nothing_started(s: &Stopped, out: &std::process::Output, cgroups_before: &[PathBuf]) {
     assert!(!out.status.success(), "restart should have been refused");
-    assert!(!text(&out.stdout).contains("step "), "a refused restart printed job output:\n{}", text(&out.stdout));
-    assert!(!text(&out.stderr).contains("restored from"), "restart claims a restore:\n{}", text(&out.stderr));
+    assert!(
+        !text(&out.stdout).contains("step "),
+        "a refused restart printed job output:\n{}",
+        text(&out.stdout)
+    );
+    assert!(
+        !text(&out.stderr).contains("restored from"),
+        "restart claims a restore:\n{}",
+        text(&out.stderr)
+    );
     let procs = pids_mentioning(s.work.to_str().unwrap());
-    assert!(procs.is_empty(), "processes of the job exist after a refused restart: {procs:?}");
-    assert!(!s.env.run_dir.join("jobs").join(format!("{}.sock", s.name)).exists(), "control socket left after a refused restart");
-    let cg: Vec<_> = job_cgroups(&s.name).into_iter().filter(|c| !cgroups_before.contains(c)).collect();
-    assert!(cg.is_empty(), "a refused restart left freezer cgroups behind: {cg:?}");
+    assert!(
+        procs.is_empty(),
+        "processes of the job exist after a refused restart: {procs:?}"
+    );
+    assert!(
+        !s.env
+            .run_dir
+            .join("jobs")
+            .join(format!("{}.sock", s.name))
+            .exists(),
+        "control socket left after a refused restart"
+    );
+    let cg: Vec<_> = job_cgroups(&s.name)
+        .into_iter()
+        .filter(|c| !cgroups_before.contains(c))
+        .collect();
+    assert!(
+        cg.is_empty(),
+        "a refused restart left freezer cgroups behind: {cg:?}"
+    );
 }
 
 #[test]
 fn unknown_job_is_named_in_every_error() {
-    if !require("unknown_job_is_named_in_every_error", &[Prereq::Root, Prereq::Criu]) {
+    if !require(
+        "unknown_job_is_named_in_every_error",
+        &[Prereq::Root, Prereq::Criu],
+    ) {
         return;
     }
     let env = Env::new();
@@ -91,7 +135,11 @@ fn unknown_job_is_named_in_every_error() {
     ];
     for args in &cmds {
         let out = env.ckpt(args);
-        assert!(!out.status.success(), "`ckpt-job {}` succeeded for a job that does not exist", args.join(" "));
+        assert!(
+            !out.status.success(),
+            "`ckpt-job {}` succeeded for a job that does not exist",
+            args.join(" ")
+        );
         assert!(
             text(&out.stderr).contains(name),
             "`ckpt-job {}`: the error does not name the job:\n{}",
@@ -99,8 +147,14 @@ fn unknown_job_is_named_in_every_error() {
             text(&out.stderr)
         );
     }
-    let cg: Vec<_> = job_cgroups(name).into_iter().filter(|c| !cgroups_before.contains(c)).collect();
-    assert!(cg.is_empty(), "restart of an unknown job left freezer cgroups behind: {cg:?}");
+    let cg: Vec<_> = job_cgroups(name)
+        .into_iter()
+        .filter(|c| !cgroups_before.contains(c))
+        .collect();
+    assert!(
+        cg.is_empty(),
+        "restart of an unknown job left freezer cgroups behind: {cg:?}"
+    );
 }
 
 fn flip_byte(path: &Path) {
@@ -123,43 +177,79 @@ fn corrupted(name: &str, pick: fn(&str) -> bool) {
         .map(|e| (e.metadata().unwrap().len(), e.path()))
         .collect();
     victims.sort();
-    let (_, victim) = victims.pop().unwrap_or_else(|| panic!("no such image file in {}", dir.display()));
+    let (_, victim) = victims
+        .pop()
+        .unwrap_or_else(|| panic!("no such image file in {}", dir.display()));
     let file_name = victim.file_name().unwrap().to_string_lossy().into_owned();
     let original = fs::read(&victim).unwrap();
     flip_byte(&victim);
 
     let out = s.env.ckpt(&["verify", &s.name]);
-    assert!(!out.status.success(), "verify passed with a flipped byte in {file_name}");
-    assert!(all_output(&out).contains(&file_name), "verify does not name {file_name}:\n{}", all_output(&out));
+    assert!(
+        !out.status.success(),
+        "verify passed with a flipped byte in {file_name}"
+    );
+    assert!(
+        all_output(&out).contains(&file_name),
+        "verify does not name {file_name}:\n{}",
+        all_output(&out)
+    );
     let out = s.env.ckpt(&["verify", "--json", &format!("{}@1", s.name)]);
-    assert!(!out.status.success(), "verify --json passed with a flipped byte");
+    assert!(
+        !out.status.success(),
+        "verify --json passed with a flipped byte"
+    );
     let v = json_of(&out);
     assert_eq!(v["ok"], false, "{v}");
-    assert!(v["error"].as_str().unwrap_or("").contains(&file_name), "verify --json does not name {file_name}: {v}");
+    assert!(
+        v["error"].as_str().unwrap_or("").contains(&file_name),
+        "verify --json does not name {file_name}: {v}"
+    );
 
     let out = refused_restart(&s, &[]);
-    assert!(text(&out.stderr).contains(&file_name), "restart's refusal does not name {file_name}:\n{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(&file_name),
+        "restart's refusal does not name {file_name}:\n{}",
+        text(&out.stderr)
+    );
 
     // Put the byte back: the same epoch verifies and restores.
     fs::write(&victim, original).unwrap();
     let out = s.env.ckpt(&["verify", &s.name]);
-    assert!(out.status.success(), "verify of the repaired epoch failed:\n{}", all_output(&out));
+    assert!(
+        out.status.success(),
+        "verify of the repaired epoch failed:\n{}",
+        all_output(&out)
+    );
     let second = s.env.restart(&s.name, &[]).wait(T);
-    assert_eq!(second.code(), 0, "restart of the repaired epoch failed:\n{}", second.stderr);
+    assert_eq!(
+        second.code(),
+        0,
+        "restart of the repaired epoch failed:\n{}",
+        second.stderr
+    );
     assert_eq!(s.first + &second.stdout, s.expected);
 }
 
 #[test]
 fn flipped_byte_in_pages_file_is_refused() {
-    if !require("flipped_byte_in_pages_file_is_refused", &[Prereq::Root, Prereq::Criu]) {
+    if !require(
+        "flipped_byte_in_pages_file_is_refused",
+        &[Prereq::Root, Prereq::Criu],
+    ) {
         return;
     }
-    corrupted("bad-pages", |n| n.contains(".pages-") && n.ends_with(".img"));
+    corrupted("bad-pages", |n| {
+        n.contains(".pages-") && n.ends_with(".img")
+    });
 }
 
 #[test]
 fn flipped_byte_in_meta_pack_is_refused() {
-    if !require("flipped_byte_in_meta_pack_is_refused", &[Prereq::Root, Prereq::Criu]) {
+    if !require(
+        "flipped_byte_in_meta_pack_is_refused",
+        &[Prereq::Root, Prereq::Criu],
+    ) {
         return;
     }
     corrupted("bad-meta", |n| n.ends_with(".meta.pack"));
@@ -167,7 +257,10 @@ fn flipped_byte_in_meta_pack_is_refused() {
 
 #[test]
 fn epoch_without_manifest_is_never_restored() {
-    if !require("epoch_without_manifest_is_never_restored", &[Prereq::Root, Prereq::Criu]) {
+    if !require(
+        "epoch_without_manifest_is_never_restored",
+        &[Prereq::Root, Prereq::Criu],
+    ) {
         return;
     }
     let s = stopped_job("no-manifest");
@@ -188,32 +281,68 @@ fn epoch_without_manifest_is_never_restored() {
     fs::write(s.env.ckpt_dir.join(&s.name).join("LATEST"), b"2\n").unwrap();
 
     let out = s.env.ckpt(&["status", "--json", &s.name]);
-    assert!(out.status.success(), "status failed:\n{}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "status failed:\n{}",
+        text(&out.stderr)
+    );
     let v = json_of(&out);
-    let epochs = v["epochs"].as_array().unwrap_or_else(|| panic!("no epochs in status: {v}"));
-    assert!(epochs.iter().any(|e| e["epoch"] == 1 && e["committed"] == true), "{v}");
-    assert!(epochs.iter().any(|e| e["epoch"] == 2 && e["committed"] == false), "epoch 2 not listed as uncommitted: {v}");
+    let epochs = v["epochs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no epochs in status: {v}"));
+    assert!(
+        epochs
+            .iter()
+            .any(|e| e["epoch"] == 1 && e["committed"] == true),
+        "{v}"
+    );
+    assert!(
+        epochs
+            .iter()
+            .any(|e| e["epoch"] == 2 && e["committed"] == false),
+        "epoch 2 not listed as uncommitted: {v}"
+    );
     assert_eq!(v["last_epoch"], 1, "{v}");
     let out = s.env.ckpt(&["status", &s.name]);
     let human = text(&out.stdout);
-    let line2 = human.lines().find(|l| l.starts_with("epoch") && l.contains(" 2:")).unwrap_or_else(|| panic!("no epoch 2 line:\n{human}"));
-    assert!(line2.contains("incomplete"), "epoch 2 not shown as incomplete: {line2}");
+    let line2 = human
+        .lines()
+        .find(|l| l.starts_with("epoch") && l.contains(" 2:"))
+        .unwrap_or_else(|| panic!("no epoch 2 line:\n{human}"));
+    assert!(
+        line2.contains("incomplete"),
+        "epoch 2 not shown as incomplete: {line2}"
+    );
 
     let out = refused_restart(&s, &["--epoch", "2"]);
-    assert!(text(&out.stderr).contains("epoch 2") && text(&out.stderr).contains("MANIFEST"), "restart --epoch 2 does not say why:\n{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("epoch 2") && text(&out.stderr).contains("MANIFEST"),
+        "restart --epoch 2 does not say why:\n{}",
+        text(&out.stderr)
+    );
     let out = s.env.ckpt(&["verify", &format!("{}@2", s.name)]);
-    assert!(!out.status.success(), "verify of an uncommitted epoch passed");
+    assert!(
+        !out.status.success(),
+        "verify of an uncommitted epoch passed"
+    );
 
     let second = s.env.restart(&s.name, &[]).wait(T);
     assert_eq!(second.code(), 0, "restart failed:\n{}", second.stderr);
-    assert!(second.stderr.contains("restored from epoch 1"), "restart did not restore epoch 1:\n{}", second.stderr);
+    assert!(
+        second.stderr.contains("restored from epoch 1"),
+        "restart did not restore epoch 1:\n{}",
+        second.stderr
+    );
     assert_eq!(s.first + &second.stdout, s.expected);
 }
 
 /// memhog of 64 MiB, images on a 16 MiB tmpfs: the dump runs out of space.
 #[test]
 fn disk_full_during_first_checkpoint() {
-    if !require("disk_full_during_first_checkpoint", &[Prereq::Root, Prereq::Criu]) {
+    if !require(
+        "disk_full_during_first_checkpoint",
+        &[Prereq::Root, Prereq::Criu],
+    ) {
         return;
     }
     let env = Env::new();
@@ -230,29 +359,56 @@ fn disk_full_during_first_checkpoint() {
     job.wait_for("READY", T);
 
     let out = env.ckpt(&["checkpoint", name]);
-    assert!(!out.status.success(), "a 64 MiB job checkpointed into a 16 MiB filesystem?");
+    assert!(
+        !out.status.success(),
+        "a 64 MiB job checkpointed into a 16 MiB filesystem?"
+    );
     let msg = text(&out.stderr);
-    assert!(msg.contains("No space left on device") || msg.contains("space"), "the error does not mention space:\n{msg}");
-    assert!(msg.contains("continues"), "the error does not say the job continues:\n{msg}");
+    assert!(
+        msg.contains("No space left on device") || msg.contains("space"),
+        "the error does not mention space:\n{msg}"
+    );
+    assert!(
+        msg.contains("continues"),
+        "the error does not say the job continues:\n{msg}"
+    );
 
     let v = env.status_json(name);
     assert_eq!(v["state"], "running", "{v}");
     assert_eq!(v["checkpoints_failed"], 1, "{v}");
     assert_eq!(v["checkpoints_committed"], 0, "{v}");
     let last = v["last_error"].as_str().unwrap_or("");
-    assert!(last.contains("space"), "status' last_error does not say why the checkpoint failed: {last:?}");
+    assert!(
+        last.contains("space"),
+        "status' last_error does not say why the checkpoint failed: {last:?}"
+    );
     // The aborted epoch's data is gone again.
-    assert!(fsys.used() < 1 << 20, "the aborted epoch still uses {} bytes", fsys.used());
+    assert!(
+        fsys.used() < 1 << 20,
+        "the aborted epoch still uses {} bytes",
+        fsys.used()
+    );
 
     let fin = job.wait(T);
-    assert_eq!(fin.code(), 0, "memhog failed after the aborted checkpoint:\n{}", fin.stderr);
+    assert_eq!(
+        fin.code(),
+        0,
+        "memhog failed after the aborted checkpoint:\n{}",
+        fin.stderr
+    );
     let expected = reference.join().unwrap();
     assert_eq!(fin.stdout, expected);
     assert!(result_line(&fin.stdout).is_some());
 
-    assert!(ckpt_e2e::committed_epochs_in(&fsys.path, name).is_empty(), "an epoch was committed");
+    assert!(
+        ckpt_e2e::committed_epochs_in(&fsys.path, name).is_empty(),
+        "an epoch was committed"
+    );
     let out = env.ckpt(&["restart", "--ckpt-dir", dir, name]);
-    assert!(!out.status.success(), "restart from an aborted epoch succeeded");
+    assert!(
+        !out.status.success(),
+        "restart from an aborted epoch succeeded"
+    );
     assert!(!text(&out.stdout).contains("RESULT"));
     let out = env.ckpt(&["verify", "--ckpt-dir", dir, &format!("{name}@1")]);
     assert!(!out.status.success(), "the aborted epoch verifies");
@@ -262,21 +418,33 @@ fn disk_full_during_first_checkpoint() {
 /// Epoch 1 stays intact and restorable.
 #[test]
 fn disk_full_during_second_checkpoint() {
-    if !require("disk_full_during_second_checkpoint", &[Prereq::Root, Prereq::Criu]) {
+    if !require(
+        "disk_full_during_second_checkpoint",
+        &[Prereq::Root, Prereq::Criu],
+    ) {
         return;
     }
     let env = Env::new();
     let fsys = Tmpfs::mount(&env.path().join("small"), "8m");
     let prog = example("threads");
     let ref_dir = env.workdir("reference");
-    let expected = text(&reference_run(&[prog.as_os_str(), ref_dir.as_os_str(), "40".as_ref()], T).stdout);
+    let expected =
+        text(&reference_run(&[prog.as_os_str(), ref_dir.as_os_str(), "40".as_ref()], T).stdout);
     let work = env.workdir("job");
     let name = "full-second";
     let dir = fsys.path.to_str().unwrap();
-    let mut job = env.run(name, &["--ckpt-dir", dir], &[prog.as_os_str(), work.as_os_str(), "40".as_ref()]);
+    let mut job = env.run(
+        name,
+        &["--ckpt-dir", dir],
+        &[prog.as_os_str(), work.as_os_str(), "40".as_ref()],
+    );
     job.wait_for("step 5 ", T);
     let out = env.ckpt(&["checkpoint", "--json", name]);
-    assert!(out.status.success(), "first checkpoint into the tmpfs failed (tmpfs too small?):\n{}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "first checkpoint into the tmpfs failed (tmpfs too small?):\n{}",
+        text(&out.stderr)
+    );
     assert_eq!(json_of(&out)["epoch"], 1);
     let used_by_epoch1 = fsys.used();
 
@@ -293,42 +461,87 @@ fn disk_full_during_second_checkpoint() {
     }
     f.sync_all().unwrap();
     drop(f);
-    assert!(fsys.space().1 <= 32 << 10, "could not fill the tmpfs (epoch 1 used {used_by_epoch1} bytes)");
+    assert!(
+        fsys.space().1 <= 32 << 10,
+        "could not fill the tmpfs (epoch 1 used {used_by_epoch1} bytes)"
+    );
 
     job.wait_for("step 12 ", T);
     let out = env.ckpt(&["checkpoint", name]);
-    assert!(!out.status.success(), "checkpoint into a full filesystem succeeded");
+    assert!(
+        !out.status.success(),
+        "checkpoint into a full filesystem succeeded"
+    );
     let msg = text(&out.stderr);
-    assert!(msg.contains("space"), "the error does not mention space:\n{msg}");
+    assert!(
+        msg.contains("space"),
+        "the error does not mention space:\n{msg}"
+    );
     let v = env.status_json(name);
     assert_eq!(v["state"], "running", "{v}");
     assert_eq!(v["checkpoints_committed"], 1, "{v}");
     assert_eq!(v["checkpoints_failed"], 1, "{v}");
 
     let fin = job.wait(T);
-    assert_eq!(fin.code(), 0, "the job failed after the aborted checkpoint:\n{}", fin.stderr);
-    assert_eq!(fin.stdout, expected, "the aborted checkpoint changed the job's output");
+    assert_eq!(
+        fin.code(),
+        0,
+        "the job failed after the aborted checkpoint:\n{}",
+        fin.stderr
+    );
+    assert_eq!(
+        fin.stdout, expected,
+        "the aborted checkpoint changed the job's output"
+    );
     assert_eq!(ckpt_e2e::committed_epochs_in(&fsys.path, name), vec![1]);
 
     let out = env.ckpt(&["verify", "--ckpt-dir", dir, name]);
-    assert!(out.status.success(), "epoch 1 no longer verifies:\n{}", all_output(&out));
-    assert!(text(&out.stdout).contains("@1"), "verify did not check epoch 1: {}", text(&out.stdout));
+    assert!(
+        out.status.success(),
+        "epoch 1 no longer verifies:\n{}",
+        all_output(&out)
+    );
+    assert!(
+        text(&out.stdout).contains("@1"),
+        "verify did not check epoch 1: {}",
+        text(&out.stdout)
+    );
     let second = env.restart(name, &["--ckpt-dir", dir]).wait(T);
-    assert_eq!(second.code(), 0, "restart from epoch 1 (filesystem still full) failed:\n{}", second.stderr);
-    assert!(second.stderr.contains("restored from epoch 1"), "{}", second.stderr);
-    assert_suffix_of(&expected, &second.stdout, "restart from epoch 1 after a failed epoch 2");
+    assert_eq!(
+        second.code(),
+        0,
+        "restart from epoch 1 (filesystem still full) failed:\n{}",
+        second.stderr
+    );
+    assert!(
+        second.stderr.contains("restored from epoch 1"),
+        "{}",
+        second.stderr
+    );
+    assert_suffix_of(
+        &expected,
+        &second.stdout,
+        "restart from epoch 1 after a failed epoch 2",
+    );
 }
 
 #[test]
 fn malformed_config_is_reported_with_file_key_and_line() {
-    if !require("malformed_config_is_reported_with_file_key_and_line", &[Prereq::Root, Prereq::Criu]) {
+    if !require(
+        "malformed_config_is_reported_with_file_key_and_line",
+        &[Prereq::Root, Prereq::Criu],
+    ) {
         return;
     }
     // Env writes four lines; ours is line 5.
     let cases = [
         ("unknown key", "keep_epochs = 3\n", "keep_epochs"),
         ("wrong type", "keep = \"three\"\n", "keep"),
-        ("bad duration", "freeze_timeout = \"soon\"\n", "freeze_timeout"),
+        (
+            "bad duration",
+            "freeze_timeout = \"soon\"\n",
+            "freeze_timeout",
+        ),
         ("zero keep", "keep = 0\n", "keep"),
     ];
     for (what, line, key) in cases {
@@ -344,25 +557,54 @@ fn malformed_config_is_reported_with_file_key_and_line() {
             vec!["restart", "some-job"],
             vec!["inspect", "some-job"],
             vec!["verify", "some-job"],
-            vec!["run", "--name", "some-job", "--", "/usr/bin/touch", marker_s],
+            vec![
+                "run",
+                "--name",
+                "some-job",
+                "--",
+                "/usr/bin/touch",
+                marker_s,
+            ],
         ];
         for args in &cmds {
             let out = env.ckpt(args);
             let err = text(&out.stderr);
             let cmd = format!("{what}: `ckpt-job {}`", args.join(" "));
-            assert!(!out.status.success(), "{cmd} succeeded with a broken config");
-            assert!(err.contains(cfg), "{cmd}: the error does not name the config file:\n{err}");
-            assert!(err.contains("line 5"), "{cmd}: the error does not give the line:\n{err}");
-            assert!(err.contains(key), "{cmd}: the error does not name the key {key}:\n{err}");
-            assert!(out.stdout.is_empty(), "{cmd} printed something: {}", text(&out.stdout));
+            assert!(
+                !out.status.success(),
+                "{cmd} succeeded with a broken config"
+            );
+            assert!(
+                err.contains(cfg),
+                "{cmd}: the error does not name the config file:\n{err}"
+            );
+            assert!(
+                err.contains("line 5"),
+                "{cmd}: the error does not give the line:\n{err}"
+            );
+            assert!(
+                err.contains(key),
+                "{cmd}: the error does not name the key {key}:\n{err}"
+            );
+            assert!(
+                out.stdout.is_empty(),
+                "{cmd} printed something: {}",
+                text(&out.stdout)
+            );
         }
-        assert!(!marker.exists(), "{what}: `run` ran the job despite a broken config");
+        assert!(
+            !marker.exists(),
+            "{what}: `run` ran the job despite a broken config"
+        );
     }
 }
 
 fn random_key_hex() -> String {
     let mut b = [0u8; 32];
-    fs::File::open("/dev/urandom").unwrap().read_exact(&mut b).unwrap();
+    fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut b)
+        .unwrap();
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
@@ -373,7 +615,11 @@ fn replaced_key_is_refused() {
     }
     let s = stopped_job("wrong-key");
     let out = s.env.ckpt(&["verify", &s.name]);
-    assert!(out.status.success(), "verify with the right key failed:\n{}", all_output(&out));
+    assert!(
+        out.status.success(),
+        "verify with the right key failed:\n{}",
+        all_output(&out)
+    );
     let key_file = s.env.path().join("cluster.key");
     let old = fs::read(&key_file).unwrap();
     fs::write(&key_file, format!("{}\n", random_key_hex())).unwrap();
@@ -383,10 +629,16 @@ fn replaced_key_is_refused() {
     let out = s.env.ckpt(&["verify", &s.name]);
     assert!(!out.status.success(), "verify passed with another key");
     let msg = all_output(&out);
-    assert!(msg.contains("altered or written with another key"), "verify does not say why:\n{msg}");
+    assert!(
+        msg.contains("altered or written with another key"),
+        "verify does not say why:\n{msg}"
+    );
     let out = refused_restart(&s, &[]);
     let msg = text(&out.stderr);
-    assert!(msg.contains("altered or written with another key"), "restart does not say why:\n{msg}");
+    assert!(
+        msg.contains("altered or written with another key"),
+        "restart does not say why:\n{msg}"
+    );
 }
 
 /// Sends `bytes` on a fresh connection (then half-closes) and returns what
@@ -397,7 +649,9 @@ fn send_raw(sock: &Path, bytes: &[u8]) -> Vec<u8> {
     c.write_all(bytes).unwrap();
     c.shutdown(std::net::Shutdown::Write).unwrap();
     let mut got = Vec::new();
-    c.read_to_end(&mut got).unwrap_or_else(|e| panic!("the job neither answered nor closed within 10 s after {bytes:02x?}: {e}"));
+    c.read_to_end(&mut got).unwrap_or_else(|e| {
+        panic!("the job neither answered nor closed within 10 s after {bytes:02x?}: {e}")
+    });
     got
 }
 
@@ -406,25 +660,43 @@ fn check_reply(what: &str, reply: &[u8], expect: &[&str]) {
     if reply.is_empty() {
         return;
     }
-    assert!(reply.len() >= 4, "{what}: reply is a truncated frame: {reply:02x?}");
+    assert!(
+        reply.len() >= 4,
+        "{what}: reply is a truncated frame: {reply:02x?}"
+    );
     let len = u32::from_be_bytes([reply[0], reply[1], reply[2], reply[3]]) as usize;
-    assert_eq!(len + 4, reply.len(), "{what}: reply is not exactly one frame");
+    assert_eq!(
+        len + 4,
+        reply.len(),
+        "{what}: reply is not exactly one frame"
+    );
     let body = String::from_utf8_lossy(&reply[4..]);
-    assert!(expect.iter().any(|e| body.contains(e)), "{what}: reply does not explain the error: {body:?}");
+    assert!(
+        expect.iter().any(|e| body.contains(e)),
+        "{what}: reply does not explain the error: {body:?}"
+    );
 }
 
 #[test]
 fn garbage_on_the_control_socket() {
-    if !require("garbage_on_the_control_socket", &[Prereq::Root, Prereq::Criu]) {
+    if !require(
+        "garbage_on_the_control_socket",
+        &[Prereq::Root, Prereq::Criu],
+    ) {
         return;
     }
     let env = Env::new();
     let prog = example("threads");
     let ref_dir = env.workdir("reference");
-    let expected = text(&reference_run(&[prog.as_os_str(), ref_dir.as_os_str(), "40".as_ref()], T).stdout);
+    let expected =
+        text(&reference_run(&[prog.as_os_str(), ref_dir.as_os_str(), "40".as_ref()], T).stdout);
     let work = env.workdir("job");
     let name = "garbage";
-    let mut job = env.run(name, &[], &[prog.as_os_str(), work.as_os_str(), "40".as_ref()]);
+    let mut job = env.run(
+        name,
+        &[],
+        &[prog.as_os_str(), work.as_os_str(), "40".as_ref()],
+    );
     job.wait_for("step 2 ", T);
     let sock = env.run_dir.join("jobs").join(format!("{name}.sock"));
     assert!(sock.exists());
@@ -435,12 +707,36 @@ fn garbage_on_the_control_socket() {
 
     let cases: Vec<(&str, Vec<u8>, Vec<&str>)> = vec![
         ("half a header", vec![0, 0], vec!["frame", "unreadable"]),
-        ("truncated body", [&100u32.to_be_bytes()[..], &[8, 1, 0x52, 0]].concat(), vec!["frame", "unreadable"]),
-        ("huge length", vec![0xff, 0xff, 0xff, 0xff], vec!["limit", "unreadable"]),
-        ("garbage body", [&16u32.to_be_bytes()[..], &[0xff; 16]].concat(), vec!["malformed", "unreadable"]),
-        ("empty message", 0u32.to_be_bytes().to_vec(), vec!["version"]),
-        ("unknown operation", [&4u32.to_be_bytes()[..], &[0x08, 0x01, 0x60, 0x01]].concat(), vec!["empty request"]),
-        ("wrong version", [&2u32.to_be_bytes()[..], &[0x08, 0x07]].concat(), vec!["version"]),
+        (
+            "truncated body",
+            [&100u32.to_be_bytes()[..], &[8, 1, 0x52, 0]].concat(),
+            vec!["frame", "unreadable"],
+        ),
+        (
+            "huge length",
+            vec![0xff, 0xff, 0xff, 0xff],
+            vec!["limit", "unreadable"],
+        ),
+        (
+            "garbage body",
+            [&16u32.to_be_bytes()[..], &[0xff; 16]].concat(),
+            vec!["malformed", "unreadable"],
+        ),
+        (
+            "empty message",
+            0u32.to_be_bytes().to_vec(),
+            vec!["version"],
+        ),
+        (
+            "unknown operation",
+            [&4u32.to_be_bytes()[..], &[0x08, 0x01, 0x60, 0x01]].concat(),
+            vec!["empty request"],
+        ),
+        (
+            "wrong version",
+            [&2u32.to_be_bytes()[..], &[0x08, 0x07]].concat(),
+            vec!["version"],
+        ),
     ];
     for (what, bytes, expect) in &cases {
         let reply = send_raw(&sock, bytes);
@@ -461,7 +757,11 @@ fn garbage_on_the_control_socket() {
 
     // With the idle half-frame connection still open, a real checkpoint works.
     let out = env.ckpt(&["checkpoint", "--json", name]);
-    assert!(out.status.success(), "checkpoint after garbage failed:\n{}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "checkpoint after garbage failed:\n{}",
+        text(&out.stderr)
+    );
     assert_eq!(json_of(&out)["epoch"], 1);
     drop(idle);
     let out = env.ckpt(&["verify", name]);
@@ -469,5 +769,8 @@ fn garbage_on_the_control_socket() {
 
     let fin = job.wait(T);
     assert_eq!(fin.code(), 0, "{}", fin.stderr);
-    assert_eq!(fin.stdout, expected, "garbage on the control socket changed the job's output");
+    assert_eq!(
+        fin.stdout, expected,
+        "garbage on the control socket changed the job's output"
+    );
 }

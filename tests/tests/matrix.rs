@@ -2,6 +2,8 @@
 //! `--stop`, restarted, and must produce exactly the output of an
 //! uninterrupted run.
 
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use ckpt_e2e::{example, reference_run, require, Env, Prereq};
@@ -23,15 +25,33 @@ fn stop_and_restart(feature: &str) {
 
     let work = env.workdir("job");
     let name = format!("m-{feature}");
-    let mut job = env.run(&name, &[], &[prog.as_os_str(), work.as_os_str(), STEPS.as_ref()]);
+    let mut job = env.run(
+        &name,
+        &[],
+        &[prog.as_os_str(), work.as_os_str(), STEPS.as_ref()],
+    );
     job.wait_for("step 10 ", T);
     env.checkpoint(&name, true);
     let first = job.wait(T);
-    assert_eq!(first.code(), 75, "run after checkpoint --stop: {}", first.stderr);
+    assert_eq!(
+        first.code(),
+        75,
+        "run after checkpoint --stop: {}",
+        first.stderr
+    );
 
     let second = env.restart(&name, &[]).wait(T);
-    assert_eq!(second.code(), 0, "restarted {feature} failed:\n{}", second.stderr);
-    assert_eq!(first.stdout + &second.stdout, expected, "{feature}: output differs from an uninterrupted run");
+    assert_eq!(
+        second.code(),
+        0,
+        "restarted {feature} failed:\n{}",
+        second.stderr
+    );
+    assert_eq!(
+        first.stdout + &second.stdout,
+        expected,
+        "{feature}: output differs from an uninterrupted run"
+    );
 }
 
 #[test]

@@ -3,6 +3,8 @@
 //! mid-run and restarted; the restarted job must finish with exactly the
 //! output of an uninterrupted run.
 
+#![allow(clippy::unwrap_used)]
+
 use std::ffi::OsString;
 use std::time::Duration;
 
@@ -13,10 +15,19 @@ const T: Duration = Duration::from_secs(120);
 
 /// `mpirun.openmpi … ring-openmpi <workdir> <STEPS>`.
 fn openmpi_cmd(workdir: &std::path::Path) -> Vec<OsString> {
-    let mut c: Vec<OsString> = ["mpirun.openmpi", "--allow-run-as-root", "--oversubscribe", "-np", "4", "--mca", "btl", "self,vader"]
-        .iter()
-        .map(OsString::from)
-        .collect();
+    let mut c: Vec<OsString> = [
+        "mpirun.openmpi",
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-np",
+        "4",
+        "--mca",
+        "btl",
+        "self,vader",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
     c.push(example("ring-openmpi").into_os_string());
     c.push(workdir.as_os_str().to_owned());
     c.push(STEPS.into());
@@ -27,7 +38,10 @@ fn openmpi_cmd(workdir: &std::path::Path) -> Vec<OsString> {
 /// UCX's SysV shared memory cannot be dumped (see DESIGN.md), so the job's
 /// environment turns it off.
 fn mpich_cmd(workdir: &std::path::Path) -> Vec<OsString> {
-    let mut c: Vec<OsString> = ["env", "UCX_TLS=^sysv", "mpirun.mpich", "-np", "4"].iter().map(OsString::from).collect();
+    let mut c: Vec<OsString> = ["env", "UCX_TLS=^sysv", "mpirun.mpich", "-np", "4"]
+        .iter()
+        .map(OsString::from)
+        .collect();
     c.push(example("ring-mpich").into_os_string());
     c.push(workdir.as_os_str().to_owned());
     c.push(STEPS.into());
@@ -38,7 +52,10 @@ fn reference(env: &Env, cmd: fn(&std::path::Path) -> Vec<OsString>) -> String {
     let dir = env.workdir("reference");
     let out = reference_run(&cmd(&dir), T);
     let out = String::from_utf8(out.stdout).unwrap();
-    assert!(result_line(&out).is_some(), "reference run printed no RESULT line:\n{out}");
+    assert!(
+        result_line(&out).is_some(),
+        "reference run printed no RESULT line:\n{out}"
+    );
     out
 }
 
@@ -53,18 +70,40 @@ fn stop_and_restart(name: &str, cmd: fn(&std::path::Path) -> Vec<OsString>) {
     job.wait_for("step 10 ", T);
     env.checkpoint(name, true);
     let first = job.wait(T);
-    assert_eq!(first.code(), 75, "run after checkpoint --stop: {}", first.stderr);
+    assert_eq!(
+        first.code(),
+        75,
+        "run after checkpoint --stop: {}",
+        first.stderr
+    );
 
     let second = env.restart(name, &[]).wait(T);
-    assert_eq!(second.code(), 0, "restarted {name} failed:\nstdout:\n{}\nstderr:\n{}", second.stdout, second.stderr);
+    assert_eq!(
+        second.code(),
+        0,
+        "restarted {name} failed:\nstdout:\n{}\nstderr:\n{}",
+        second.stdout,
+        second.stderr
+    );
     let got = first.stdout + &second.stdout;
-    assert_eq!(result_line(&got), result_line(&expected), "{name}: RESULT differs from an uninterrupted run\n{}", second.stderr);
-    assert_eq!(got, expected, "{name}: output differs from an uninterrupted run");
+    assert_eq!(
+        result_line(&got),
+        result_line(&expected),
+        "{name}: RESULT differs from an uninterrupted run\n{}",
+        second.stderr
+    );
+    assert_eq!(
+        got, expected,
+        "{name}: output differs from an uninterrupted run"
+    );
 }
 
 #[test]
 fn openmpi_vader_stop_and_restart() {
-    if !require("openmpi_vader_stop_and_restart", &[Prereq::Root, Prereq::Criu, Prereq::OpenMpi]) {
+    if !require(
+        "openmpi_vader_stop_and_restart",
+        &[Prereq::Root, Prereq::Criu, Prereq::OpenMpi],
+    ) {
         return;
     }
     stop_and_restart("mpi-ompi-stop", openmpi_cmd);
@@ -72,7 +111,10 @@ fn openmpi_vader_stop_and_restart() {
 
 #[test]
 fn mpich_stop_and_restart() {
-    if !require("mpich_stop_and_restart", &[Prereq::Root, Prereq::Criu, Prereq::Mpich]) {
+    if !require(
+        "mpich_stop_and_restart",
+        &[Prereq::Root, Prereq::Criu, Prereq::Mpich],
+    ) {
         return;
     }
     stop_and_restart("mpi-mpich-stop", mpich_cmd);
@@ -83,7 +125,10 @@ fn mpich_stop_and_restart() {
 /// files (shm segments, session dir) and its output are long gone or grown.
 #[test]
 fn openmpi_continue_then_restart_after_exit() {
-    if !require("openmpi_continue_then_restart_after_exit", &[Prereq::Root, Prereq::Criu, Prereq::OpenMpi]) {
+    if !require(
+        "openmpi_continue_then_restart_after_exit",
+        &[Prereq::Root, Prereq::Criu, Prereq::OpenMpi],
+    ) {
         return;
     }
     let name = "mpi-ompi-cont";
@@ -95,14 +140,33 @@ fn openmpi_continue_then_restart_after_exit() {
     job.wait_for("step 10 ", T);
     env.checkpoint(name, false);
     let first = job.wait(T);
-    assert_eq!(first.code(), 0, "original run after a continue-mode checkpoint failed:\n{}", first.stderr);
-    assert_eq!(first.stdout, expected, "original run's output changed by the checkpoint");
+    assert_eq!(
+        first.code(),
+        0,
+        "original run after a continue-mode checkpoint failed:\n{}",
+        first.stderr
+    );
+    assert_eq!(
+        first.stdout, expected,
+        "original run's output changed by the checkpoint"
+    );
 
     // The checkpoint was taken at some step >= 10: the restored run prints
     // the rest, which must be exactly the tail of the uninterrupted output.
     let second = env.restart(name, &[]).wait(T);
-    assert_eq!(second.code(), 0, "restarted {name} failed:\nstdout:\n{}\nstderr:\n{}", second.stdout, second.stderr);
-    assert_eq!(result_line(&second.stdout), result_line(&expected), "{name}: RESULT differs\n{}", second.stderr);
+    assert_eq!(
+        second.code(),
+        0,
+        "restarted {name} failed:\nstdout:\n{}\nstderr:\n{}",
+        second.stdout,
+        second.stderr
+    );
+    assert_eq!(
+        result_line(&second.stdout),
+        result_line(&expected),
+        "{name}: RESULT differs\n{}",
+        second.stderr
+    );
     assert!(
         expected.ends_with(&second.stdout) && second.stdout.contains("step 40 "),
         "{name}: restarted output is not a tail of the uninterrupted run:\n{}",

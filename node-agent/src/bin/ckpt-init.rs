@@ -21,8 +21,14 @@ use nix::sys::signal::{kill, sigprocmask, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{execvp, fork, setgid, setgroups, setuid, ForkResult, Gid, Pid, Uid};
 
-const FORWARDED: [Signal; 6] =
-    [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2];
+const FORWARDED: [Signal; 6] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
 
 extern "C" fn noop(_: libc::c_int) {}
 
@@ -45,7 +51,8 @@ fn parse() -> Child {
     let mut c = Child::default();
     let mut args = std::env::args_os().skip(1);
     let num = |v: Option<OsString>, what: &str| -> u32 {
-        v.and_then(|v| v.to_str().and_then(|s| s.parse().ok())).unwrap_or_else(|| usage(&format!("{what} needs a number")))
+        v.and_then(|v| v.to_str().and_then(|s| s.parse().ok()))
+            .unwrap_or_else(|| usage(&format!("{what} needs a number")))
     };
     while let Some(a) = args.next() {
         match a.as_bytes() {
@@ -53,16 +60,30 @@ fn parse() -> Child {
             b"--uid" => c.uid = Some(num(args.next(), "--uid")),
             b"--gid" => c.gid = Some(num(args.next(), "--gid")),
             b"--groups" => {
-                let v = args.next().unwrap_or_else(|| usage("--groups needs a list"));
-                let v = v.to_str().unwrap_or_else(|| usage("--groups needs numbers"));
-                let groups = v.split(',').filter(|s| !s.is_empty()).map(|g| g.parse().unwrap_or_else(|_| usage("--groups needs numbers")));
+                let v = args
+                    .next()
+                    .unwrap_or_else(|| usage("--groups needs a list"));
+                let v = v
+                    .to_str()
+                    .unwrap_or_else(|| usage("--groups needs numbers"));
+                let groups = v.split(',').filter(|s| !s.is_empty()).map(|g| {
+                    g.parse()
+                        .unwrap_or_else(|_| usage("--groups needs numbers"))
+                });
                 c.groups = Some(groups.collect());
             }
-            b"--cwd" => c.cwd = Some(args.next().unwrap_or_else(|| usage("--cwd needs a directory"))),
+            b"--cwd" => {
+                c.cwd = Some(
+                    args.next()
+                        .unwrap_or_else(|| usage("--cwd needs a directory")),
+                )
+            }
             _ => usage(&format!("unknown option {a:?}")),
         }
     }
-    c.argv = args.filter_map(|a| CString::new(a.as_bytes()).ok()).collect();
+    c.argv = args
+        .filter_map(|a| CString::new(a.as_bytes()).ok())
+        .collect();
     if c.argv.is_empty() {
         usage("no command");
     }
@@ -152,7 +173,11 @@ fn exec_child(c: &Child) -> ! {
         }
     }
     let err = execvp(&c.argv[0], &c.argv).err();
-    eprintln!("ckpt-init: cannot execute {:?}: {}", c.argv[0], err.map(|e| e.desc()).unwrap_or("?"));
+    eprintln!(
+        "ckpt-init: cannot execute {:?}: {}",
+        c.argv[0],
+        err.map(|e| e.desc()).unwrap_or("?")
+    );
     // SAFETY: leaving the forked child without running destructors.
     unsafe { libc::_exit(127) }
 }

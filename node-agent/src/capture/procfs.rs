@@ -56,7 +56,10 @@ fn gone_or_io(pid: i32, what: &'static str, path: &Path, e: io::Error) -> Captur
 pub(crate) fn is_zombie(pid: i32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rfind(')').and_then(|i| s[i + 1..].split_whitespace().next().map(|st| st == "Z")))
+        .and_then(|s| {
+            s.rfind(')')
+                .and_then(|i| s[i + 1..].split_whitespace().next().map(|st| st == "Z"))
+        })
         .unwrap_or(false)
 }
 

@@ -35,7 +35,11 @@ pub enum FollowError {
     #[error("following {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("{path} changed size behind the follower ({hashed} bytes hashed, {now} now)")]
-    Changed { path: PathBuf, hashed: u64, now: u64 },
+    Changed {
+        path: PathBuf,
+        hashed: u64,
+        now: u64,
+    },
     #[error("the image follower thread panicked")]
     Panicked,
 }
@@ -92,7 +96,11 @@ impl Drop for Follower {
     }
 }
 
-fn run(dir: &Path, select: fn(&str) -> bool, stop: &AtomicBool) -> Result<BTreeMap<String, Followed>, FollowError> {
+fn run(
+    dir: &Path,
+    select: fn(&str) -> bool,
+    stop: &AtomicBool,
+) -> Result<BTreeMap<String, Followed>, FollowError> {
     let mut tails: BTreeMap<String, Tail> = BTreeMap::new();
     let mut buf = vec![0u8; READ_CHUNK];
     loop {
@@ -114,31 +122,73 @@ fn run(dir: &Path, select: fn(&str) -> bool, stop: &AtomicBool) -> Result<BTreeM
     let mut out = BTreeMap::new();
     for (name, t) in tails {
         let path = dir.join(&name);
-        let io = |source| FollowError::Io { path: path.clone(), source };
+        let io = |source| FollowError::Io {
+            path: path.clone(),
+            source,
+        };
         t.file.sync_data().map_err(io)?;
-        let now = t.file.metadata().map_err(|source| FollowError::Io { path: path.clone(), source })?.len();
+        let now = t
+            .file
+            .metadata()
+            .map_err(|source| FollowError::Io {
+                path: path.clone(),
+                source,
+            })?
+            .len();
         if now != t.pos {
-            return Err(FollowError::Changed { path, hashed: t.pos, now });
+            return Err(FollowError::Changed {
+                path,
+                hashed: t.pos,
+                now,
+            });
         }
-        out.insert(name, Followed { size: t.pos, blake3: t.hasher.finalize().to_hex().to_string() });
+        out.insert(
+            name,
+            Followed {
+                size: t.pos,
+                blake3: t.hasher.finalize().to_hex().to_string(),
+            },
+        );
     }
     Ok(out)
 }
 
-fn discover(dir: &Path, select: fn(&str) -> bool, tails: &mut BTreeMap<String, Tail>) -> Result<(), FollowError> {
+fn discover(
+    dir: &Path,
+    select: fn(&str) -> bool,
+    tails: &mut BTreeMap<String, Tail>,
+) -> Result<(), FollowError> {
     let rd = match fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => return Err(FollowError::Io { path: dir.to_path_buf(), source }),
+        Err(source) => {
+            return Err(FollowError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })
+        }
     };
     for entry in rd.flatten() {
-        let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
         if !select(&name) || tails.contains_key(&name) {
             continue;
         }
         let path = entry.path();
-        let file = File::open(&path).map_err(|source| FollowError::Io { path: path.clone(), source })?;
-        tails.insert(name, Tail { file, hasher: blake3::Hasher::new(), pos: 0, flushed: 0 });
+        let file = File::open(&path).map_err(|source| FollowError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        tails.insert(
+            name,
+            Tail {
+                file,
+                hasher: blake3::Hasher::new(),
+                pos: 0,
+                flushed: 0,
+            },
+        );
     }
     Ok(())
 }
@@ -151,7 +201,12 @@ fn pump(path: &Path, t: &mut Tail, buf: &mut [u8]) -> Result<bool, FollowError> 
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(source) => return Err(FollowError::Io { path: path.to_path_buf(), source }),
+            Err(source) => {
+                return Err(FollowError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
         };
         t.hasher.update(&buf[..n]);
         t.pos += n as u64;
@@ -168,7 +223,12 @@ fn start_writeback(f: &File, off: u64, len: u64) {
     // SAFETY: sync_file_range only reads its integer arguments; a failure
     // just means the final fdatasync does all the work.
     unsafe {
-        libc::sync_file_range(f.as_raw_fd(), off as libc::off64_t, len as libc::off64_t, libc::SYNC_FILE_RANGE_WRITE);
+        libc::sync_file_range(
+            f.as_raw_fd(),
+            off as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
     }
 }
 
@@ -202,7 +262,10 @@ mod tests {
         let one = &got["pages-1.img"];
         assert_eq!(one.size, all.len() as u64);
         assert_eq!(one.blake3, blake3::hash(&all).to_hex().to_string());
-        assert_eq!(got["pages-2.img"].blake3, blake3::hash(b"late small file").to_hex().to_string());
+        assert_eq!(
+            got["pages-2.img"].blake3,
+            blake3::hash(b"late small file").to_hex().to_string()
+        );
     }
 
     #[test]
@@ -212,7 +275,12 @@ mod tests {
         fs::write(&p, vec![7u8; 10_000]).unwrap();
         let f = Follower::start(dir.path(), pages);
         thread::sleep(Duration::from_millis(50));
-        fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(10).unwrap();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(10)
+            .unwrap();
         assert!(matches!(f.finish(), Err(FollowError::Changed { .. })));
     }
 }

@@ -585,7 +585,9 @@ impl PackReader {
             KIND_DIR if size == 0 => EntryKind::Dir,
             KIND_SYMLINK if size > 0 && size <= MAX_LINK => EntryKind::Symlink,
             KIND_FIFO if size == 0 => EntryKind::Fifo,
-            KIND_DIR | KIND_SYMLINK | KIND_FIFO => return Err(self.corrupt(format!("impossible size {size}"))),
+            KIND_DIR | KIND_SYMLINK | KIND_FIFO => {
+                return Err(self.corrupt(format!("impossible size {size}")))
+            }
             other => return Err(self.corrupt(format!("unknown kind {other}"))),
         };
         if mode & !0o7777 != 0 {

@@ -396,7 +396,10 @@ fn pack_paths_recreates_fifos_empty_with_their_mode() {
     let pack = tmp.path().join("n1.t0.local.pack");
     pack_paths(std::slice::from_ref(&session), &pack).unwrap();
     let entries = list(&pack).unwrap();
-    let e = entries.iter().find(|e| e.name == fifo.to_str().unwrap()).expect("fifo entry");
+    let e = entries
+        .iter()
+        .find(|e| e.name == fifo.to_str().unwrap())
+        .expect("fifo entry");
     assert_eq!((e.kind, e.size), (EntryKind::Fifo, 0));
 
     fs::remove_dir_all(&session).unwrap();
