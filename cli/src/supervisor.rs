@@ -20,6 +20,7 @@ use ckpt_agent::capture::CaptureRules;
 use ckpt_agent::checkpoint::{self, DumpHooks, DumpRequest, Phase, TreeHandle};
 use ckpt_agent::criu::{Criu, NoNotify, NotifyEvent, NotifyHandler};
 use ckpt_agent::freezer::{CgroupFreezer, Freezer};
+use ckpt_agent::images::opened::OpenedImage;
 use ckpt_agent::restore::{self, RestoreRequest};
 use ckpt_agent::tree::{self, NetMode, TreeSpec};
 use ckpt_coordinator::store::{ImageStore, PendingEpoch};
@@ -238,11 +239,20 @@ pub fn restart(
         .store
         .load_manifest(&spec.name, epoch, Some(&s.key))
         .with_context(refusing)?;
-    s.store
-        .verify_files(&manifest, |n| !checkpoint::is_epoch_pages(n))
+    let epoch_dir = s.store.epoch_dir(&spec.name, epoch);
+    let all_files: Vec<_> = manifest
+        .nodes
+        .iter()
+        .flat_map(|n| n.files.iter().cloned())
+        .collect();
+    // Each file is opened once and read only through that descriptor, so
+    // the bytes verified are the bytes restored.
+    let opened = OpenedImage::open(&epoch_dir, &all_files).with_context(refusing)?;
+    opened
+        .verify(|n| !checkpoint::is_epoch_pages(n))
         .with_context(refusing)?;
     tracing::info!(job = %spec.name, epoch, phase = "verified", "manifest and small images verified");
-    let mut gate = PagesGate::start(s.store.clone(), manifest.clone());
+    let mut gate = PagesGate::start(opened.clone());
     let node = manifest
         .nodes
         .first()
@@ -281,11 +291,11 @@ pub fn restart(
         .cfg
         .staging_dir
         .join(format!("{}.{}.{}", spec.name, epoch, std::process::id()));
-    let epoch_dir = s.store.epoch_dir(&spec.name, epoch);
     progress("restoring (CRIU)", 0, 0);
     let req = RestoreRequest {
         criu: &s.criu,
         epoch_dir: &epoch_dir,
+        opened: &opened,
         image,
         staging: &staging,
         freezer: &s.freezer,
@@ -342,10 +352,10 @@ struct PagesGate {
 }
 
 impl PagesGate {
-    fn start(store: ImageStore, manifest: Manifest) -> Self {
+    fn start(opened: OpenedImage) -> Self {
         let check = thread::spawn(move || {
-            store
-                .verify_files_sequential(&manifest, checkpoint::is_epoch_pages)
+            opened
+                .verify(checkpoint::is_epoch_pages)
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         });

@@ -11,6 +11,7 @@ use crate::capture::{self, WritableFile};
 use crate::checkpoint::open_dir;
 use crate::criu::{CgMode, Criu, CriuError, InheritFd, NotifyHandler, RestoreOptions};
 use crate::freezer::Freezer;
+use crate::images::opened::{OpenedError, OpenedImage};
 use crate::images::pack;
 use crate::tree;
 
@@ -19,8 +20,12 @@ pub const LOCAL_ROOTS: [&str; 2] = ["/dev/shm", "/tmp"];
 
 pub struct RestoreRequest<'a> {
     pub criu: &'a Criu,
-    /// The committed epoch directory (already verified by the caller).
+    /// The committed epoch directory.
     pub epoch_dir: &'a Path,
+    /// Its files, opened once; everything is read through these (the
+    /// caller verifies them: the small ones before, the page files while
+    /// CRIU restores, gating the tree at post-restore).
+    pub opened: &'a OpenedImage,
     pub image: &'a TreeImage,
     /// A fresh, private directory for CRIU's unpacked images and its log.
     pub staging: &'a Path,
@@ -61,6 +66,8 @@ pub enum RestoreError {
     #[error("the image has no pipe for the job's fd {fd} (inode {inode}) to be reconnected to")]
     Stdio { fd: i32, inode: u64 },
     #[error(transparent)]
+    Image(#[from] OpenedError),
+    #[error(transparent)]
     Criu(#[from] CriuError),
 }
 
@@ -70,7 +77,7 @@ pub fn restore_tree(
     req: &RestoreRequest<'_>,
     notify: &mut dyn NotifyHandler,
 ) -> Result<i32, RestoreError> {
-    let meta = req.epoch_dir.join(&req.image.meta_pack);
+    let meta = req.opened.proc_path(&req.image.meta_pack)?;
     fs::DirBuilder::new()
         .mode(0o700)
         .recursive(true)
@@ -81,7 +88,7 @@ pub fn restore_tree(
             source,
         })?;
     pack::unpack_to_dir(&meta, req.staging).map_err(|source| RestoreError::Unpack {
-        path: meta.clone(),
+        path: req.epoch_dir.join(&req.image.meta_pack),
         source,
     })?;
     let prefix = req.image.meta_pack.trim_end_matches(".meta.pack");
@@ -91,21 +98,23 @@ pub fn restore_tree(
             .and_then(|n| n.strip_prefix('.'))
             .unwrap_or(name);
         let link = req.staging.join(criu_name);
-        symlink(req.epoch_dir.join(name), &link).map_err(|source| RestoreError::Io {
+        symlink(req.opened.proc_path(name)?, &link).map_err(|source| RestoreError::Io {
             op: "link",
             path: link,
             source,
         })?;
     }
     if let Some(local) = &req.image.local_pack {
-        let path = req.epoch_dir.join(local);
+        let path = req.opened.proc_path(local)?;
         let roots: Vec<&Path> = LOCAL_ROOTS.iter().map(Path::new).collect();
         create_missing_parents(&path, &roots)?;
-        pack::unpack_paths(&path, &roots)
-            .map_err(|source| RestoreError::Unpack { path, source })?;
+        pack::unpack_paths(&path, &roots).map_err(|source| RestoreError::Unpack {
+            path: req.epoch_dir.join(local),
+            source,
+        })?;
     }
     if let (Some(dir), Some(bin)) = (&req.image.init_dir, &req.image.init_binary) {
-        install_init(Path::new(dir), &req.epoch_dir.join(bin))?;
+        install_init(Path::new(dir), &req.opened.proc_path(bin)?)?;
     }
     let writable: Vec<WritableFile> = req
         .image

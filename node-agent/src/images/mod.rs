@@ -2,4 +2,5 @@
 
 pub mod beneath;
 pub mod follow;
+pub mod opened;
 pub mod pack;
