@@ -6,6 +6,7 @@
 
 use std::fs;
 use std::io::{BufReader, BufWriter, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -35,6 +36,9 @@ pub fn is_live(sock: &Path) -> bool {
 pub struct Server {
     path: PathBuf,
     stop: Arc<AtomicBool>,
+    /// The listening socket, kept to shut it down: that wakes a blocked
+    /// accept() even if the socket's path was removed meanwhile.
+    listener: Arc<UnixListener>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -42,8 +46,8 @@ impl Server {
     /// Stops accepting and removes the socket.
     pub fn shutdown(mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop.
-        let _ = UnixStream::connect(&self.path);
+        let _ =
+            nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -74,12 +78,19 @@ pub fn serve(job: Arc<Job>) -> Result<Server> {
         .with_context(|| format!("chmod {}", path.display()))?;
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
+    let listener = Arc::new(listener);
+    let accepting = listener.clone();
     let thread = thread::spawn(move || {
-        for conn in listener.incoming() {
+        for conn in accepting.incoming() {
             if stop2.load(Ordering::SeqCst) {
                 return;
             }
-            let Ok(conn) = conn else { continue };
+            let Ok(conn) = conn else {
+                // EINVAL after shutdown; anything else: keep serving, but
+                // do not spin on a persistent error.
+                thread::sleep(Duration::from_millis(10));
+                continue;
+            };
             let job = job.clone();
             thread::spawn(move || {
                 if let Err(e) = handle(&job, conn) {
@@ -91,6 +102,7 @@ pub fn serve(job: Arc<Job>) -> Result<Server> {
     Ok(Server {
         path,
         stop,
+        listener,
         thread: Some(thread),
     })
 }

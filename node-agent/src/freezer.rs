@@ -63,6 +63,7 @@ impl CgroupFreezer {
     /// Creates (or reuses) the cgroup `ckpt/<name>` and returns its handle.
     pub fn create(name: &str) -> Result<Self, FreezerError> {
         let (root, version) = Self::hierarchy()?;
+        sweep_stale(&root.join("ckpt"));
         let dir = root.join("ckpt").join(name);
         fs::create_dir_all(&dir).map_err(|source| FreezerError::Io {
             op: "create",
@@ -195,5 +196,30 @@ impl Freezer for CgroupFreezer {
 
     fn criu_path(&self) -> String {
         self.dir.display().to_string()
+    }
+}
+
+/// Removes the empty cgroups `<job>-<pid>` under `parent` whose supervisor
+/// (`pid`) is gone: leftovers of supervisors that were killed. A cgroup
+/// with tasks in it is never removed (rmdir refuses it anyway).
+pub fn sweep_stale(parent: &Path) {
+    let Ok(rd) = fs::read_dir(parent) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.rsplit_once('-'))
+            .and_then(|(_, p)| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let empty =
+            fs::read_to_string(e.path().join("cgroup.procs")).is_ok_and(|t| t.trim().is_empty());
+        if empty {
+            let _ = fs::remove_dir(e.path());
+        }
     }
 }

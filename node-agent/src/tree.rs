@@ -349,6 +349,7 @@ impl PtyBan {
         if !root.join("devices.deny").exists() {
             return Ok(None);
         }
+        crate::freezer::sweep_stale(&root.join("ckpt"));
         let dir = root.join("ckpt").join(name);
         std::fs::create_dir_all(&dir)?;
         let me = Self { dir };

@@ -351,9 +351,24 @@ impl Job {
 
 impl Drop for Job {
     fn drop(&mut self) {
-        // The job's init dies with its supervisor (PDEATHSIG), so killing
-        // ckpt-job cleans the whole tree up.
+        // SIGTERM first: the supervisor passes it to the job and cleans up
+        // (socket, cgroups, node-local dirs) when the job ends. SIGKILL after
+        // a grace period; the job's init then dies with its supervisor
+        // (PDEATHSIG).
         if let Some(mut c) = self.child.take() {
+            if let Ok(pid) = i32::try_from(c.id()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(5) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                sleep(Duration::from_millis(20));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
