@@ -34,11 +34,16 @@ fn openmpi_cmd(workdir: &std::path::Path) -> Vec<OsString> {
     c
 }
 
-/// `env UCX_TLS=^sysv mpirun.mpich -np 4 ring-mpich <workdir> <STEPS>`:
-/// UCX's SysV shared memory cannot be dumped (see DESIGN.md), so the job's
-/// environment turns it off.
+/// `mpirun.mpich -np 4 ring-mpich <workdir> <STEPS>`, UCX at its defaults:
+/// inside the job's namespaces the ranks share memory through UCX's SysV
+/// transport (the tree has its own IPC namespace, which CRIU dumps). Not
+/// `UCX_TLS=^sysv`: UCX's posix transport is unreachable inside a PID
+/// namespace (see cli/src/supervisor/local.rs), so the ranks would talk TCP
+/// on loopback, where MPICH 4.0.2's MPI_Finalize hangs now and then even
+/// without any checkpoint (ucp_disconnect_nb waits for a peer's PUT ack while
+/// that peer already sits in the PMI barrier).
 fn mpich_cmd(workdir: &std::path::Path) -> Vec<OsString> {
-    let mut c: Vec<OsString> = ["env", "UCX_TLS=^sysv", "mpirun.mpich", "-np", "4"]
+    let mut c: Vec<OsString> = ["mpirun.mpich", "-np", "4"]
         .iter()
         .map(OsString::from)
         .collect();

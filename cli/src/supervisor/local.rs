@@ -39,7 +39,13 @@ pub(super) fn job_local_dirs(name: &str) -> [PathBuf; 2] {
 ///   where the namespace's pids name other processes, so MPI_Init fails
 ///   (`open(/proc/4/fd/21) failed`). By path instead, the segment stays
 ///   linked while in use, in `/dev/shm/ckpt-job.<job>`, and is captured like
-///   Open MPI's.
+///   Open MPI's. UCX 1.13 then calls posix unreachable between processes
+///   outside the initial PID namespace, so ranks on one node talk through
+///   UCX's SysV transport, in the tree's own IPC namespace, which CRIU dumps
+///   whole. Jobs must not turn SysV off (`UCX_TLS=^sysv`): the ranks would
+///   talk TCP on loopback instead, where MPICH 4.0's MPI_Finalize hangs in
+///   about one run of five, checkpointed or not (a rank waits for its peer's
+///   ack of a flush while that peer already sits in the PMI barrier).
 pub(super) fn job_local_env(spec: &JobSpec) -> Result<Vec<(OsString, OsString)>> {
     let [tmp, shm] = job_local_dirs(&spec.name);
     let wanted: [(&str, &Path, bool); 4] = [
