@@ -95,6 +95,10 @@ restart_once() {
   kill -TERM "$sup"; wait "$sup" || true
 }
 rawrestore_once() {
+  # The image maps the job's init from its private dir, which ckpt-job
+  # restart creates itself and removes when the job ends (not timed).
+  mkdir -p -m 0700 "$DIR/run/trees/bench"
+  cp "$PWD/target/release/ckpt-init" "$DIR/run/trees/bench/ckpt-init"
   local t0; t0=$(now)
   rm -f "$DIR/raw.pid"
   "$CRIU" "${CRIU_RESTORE[@]}" -D "$DIR/images/raw" -o restore.log --pidfile "$DIR/raw.pid"

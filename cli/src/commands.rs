@@ -438,7 +438,11 @@ pub fn verify(cfg: &Config, ckpt_dir: Option<&Path>, t: &Target, json_out: bool)
     let epoch = resolve_epoch(&store, t)?;
     let key = Key::load(&cfg.key_file)
         .with_context(|| format!("verify needs the manifest key {}", cfg.key_file.display()))?;
-    let mut bar = if json_out { Progress { bar: None } } else { Progress::new() };
+    let mut bar = if json_out {
+        Progress { bar: None }
+    } else {
+        Progress::new()
+    };
     bar.update(&format!("verifying {}@{epoch}", t.name), 0, 0);
     let result = store.verify(&t.name, epoch, &key);
     bar.finish();

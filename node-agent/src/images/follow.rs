@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,7 +54,6 @@ struct Tail {
 
 /// Start writeback in slices of this size.
 const WRITEBACK_SLICE: u64 = 8 << 20;
-const READ_CHUNK: usize = 1 << 20;
 
 #[derive(Debug)]
 pub struct Follower {
@@ -102,7 +101,6 @@ fn run(
     stop: &AtomicBool,
 ) -> Result<BTreeMap<String, Followed>, FollowError> {
     let mut tails: BTreeMap<String, Tail> = BTreeMap::new();
-    let mut buf = vec![0u8; READ_CHUNK];
     loop {
         // Read the flag first: a pass that starts after the writer finished
         // sees every byte.
@@ -110,7 +108,7 @@ fn run(
         discover(dir, select, &mut tails)?;
         let mut progressed = false;
         for (name, t) in tails.iter_mut() {
-            progressed |= pump(&dir.join(name), t, &mut buf)?;
+            progressed |= pump(&dir.join(name), t)?;
         }
         if last {
             break;
@@ -194,29 +192,42 @@ fn discover(
 }
 
 /// Hashes whatever was appended since the last call; true if anything was.
-fn pump(path: &Path, t: &mut Tail, buf: &mut [u8]) -> Result<bool, FollowError> {
-    let mut any = false;
-    loop {
-        let n = match t.file.read(buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(source) => {
-                return Err(FollowError::Io {
-                    path: path.to_path_buf(),
-                    source,
-                })
-            }
-        };
-        t.hasher.update(&buf[..n]);
-        t.pos += n as u64;
-        any = true;
-        if t.pos - t.flushed >= WRITEBACK_SLICE {
-            start_writeback(&t.file, t.flushed, t.pos - t.flushed);
-            t.flushed = t.pos;
-        }
+///
+/// New bytes are hashed straight from the page cache through a mapping of
+/// just the appended range (no copy into a buffer). CRIU only appends, and
+/// the files are root's, so a mapped range never shrinks under us.
+fn pump(path: &Path, t: &mut Tail) -> Result<bool, FollowError> {
+    let io = |source| FollowError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let size = t.file.metadata().map_err(io)?.len();
+    if size <= t.pos {
+        return Ok(false);
     }
-    Ok(any)
+    const PAGE: u64 = 4096;
+    let start = t.pos - t.pos % PAGE;
+    let len = usize::try_from(size - start).map_err(|e| FollowError::Io {
+        path: path.to_path_buf(),
+        source: io::Error::other(e),
+    })?;
+    // SAFETY: maps [start, size) of a regular file that only grows while we
+    // follow it (CRIU appends; only root can write it), so the mapped range
+    // stays backed for the mapping's short life.
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .offset(start)
+            .len(len)
+            .map(&t.file)
+    }
+    .map_err(io)?;
+    t.hasher.update(&map[(t.pos - start) as usize..]);
+    t.pos = size;
+    if t.pos - t.flushed >= WRITEBACK_SLICE {
+        start_writeback(&t.file, t.flushed, t.pos - t.flushed);
+        t.flushed = t.pos;
+    }
+    Ok(true)
 }
 
 fn start_writeback(f: &File, off: u64, len: u64) {
