@@ -224,6 +224,33 @@ impl Env {
         Job::spawn(c, self.path(), &format!("{name}.run"))
     }
 
+    /// The reference output of the example `program` run uninterrupted for
+    /// `steps` steps, then the same workload started as job `name` under
+    /// `ckpt-job run [opts]`, in a fresh work directory.
+    pub fn start_workload(&self, name: &str, program: &str, steps: &str, opts: &[&str]) -> Started {
+        let prog = example(program);
+        let ref_dir = self.workdir("reference");
+        let expected = text(
+            &reference_run(
+                &[prog.as_os_str(), ref_dir.as_os_str(), steps.as_ref()],
+                T_REFERENCE,
+            )
+            .stdout,
+        );
+        let work = self.workdir("job");
+        let job = self.run(
+            name,
+            opts,
+            &[prog.as_os_str(), work.as_os_str(), steps.as_ref()],
+        );
+        Started {
+            job,
+            expected,
+            prog,
+            work,
+        }
+    }
+
     /// Starts `ckpt-job restart [opts] NAME` in the background.
     pub fn restart(&self, name: &str, opts: &[&str]) -> Job {
         let mut c = self.cmd();
@@ -236,6 +263,19 @@ impl Default for Env {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// How long an uninterrupted reference run may take.
+const T_REFERENCE: Duration = Duration::from_secs(120);
+
+/// A workload started by [`Env::start_workload`].
+#[derive(Debug)]
+pub struct Started {
+    pub job: Job,
+    /// Stdout of an uninterrupted run.
+    pub expected: String,
+    pub prog: PathBuf,
+    pub work: PathBuf,
 }
 
 /// A `ckpt-job run`/`restart` in the background, its output in files.

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use ckpt_e2e::{
     assert_suffix_of, example, job_cgroups, json_of, pids_mentioning, reference_run, require,
-    result_line, text, Env, Prereq, Tmpfs,
+    result_line, text, Env, Prereq, Started, Tmpfs,
 };
 
 const T: Duration = Duration::from_secs(60);
@@ -686,17 +686,10 @@ fn garbage_on_the_control_socket() {
         return;
     }
     let env = Env::new();
-    let prog = example("threads");
-    let ref_dir = env.workdir("reference");
-    let expected =
-        text(&reference_run(&[prog.as_os_str(), ref_dir.as_os_str(), "40".as_ref()], T).stdout);
-    let work = env.workdir("job");
     let name = "garbage";
-    let mut job = env.run(
-        name,
-        &[],
-        &[prog.as_os_str(), work.as_os_str(), "40".as_ref()],
-    );
+    let Started {
+        mut job, expected, ..
+    } = env.start_workload(name, "threads", "40", &[]);
     job.wait_for("step 2 ", T);
     let sock = env.run_dir.join("jobs").join(format!("{name}.sock"));
     assert!(sock.exists());

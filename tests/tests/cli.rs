@@ -6,7 +6,7 @@
 use std::fs;
 use std::time::Duration;
 
-use ckpt_e2e::{example, json_of, reference_run, require, text, Env, Prereq};
+use ckpt_e2e::{json_of, require, text, Env, Prereq, Started};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
@@ -100,17 +100,10 @@ fn query_commands_human_and_json() {
         return;
     }
     let env = Env::new();
-    let prog = example("threads");
-    let ref_dir = env.workdir("reference");
-    let expected =
-        text(&reference_run(&[prog.as_os_str(), ref_dir.as_os_str(), "30".as_ref()], T).stdout);
-    let work = env.workdir("job");
     let name = "cli-job";
-    let mut job = env.run(
-        name,
-        &[],
-        &[prog.as_os_str(), work.as_os_str(), "30".as_ref()],
-    );
+    let Started {
+        mut job, expected, ..
+    } = env.start_workload(name, "threads", "30", &[]);
     job.wait_for("step 3 ", T);
 
     // Running, no checkpoint yet.

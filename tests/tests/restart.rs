@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use ckpt_e2e::{
     assert_suffix_of, example, reference_run, require, result_line, text, tree_pids, Env,
-    PidSquatters, Prereq,
+    PidSquatters, Prereq, Started,
 };
 
 const T: Duration = Duration::from_secs(60);
@@ -142,18 +142,10 @@ fn restart_while_original_pids_are_taken() {
         return;
     }
     let env = Env::new();
-    let prog = example("forktree");
-    let ref_dir = env.workdir("reference");
-    let expected =
-        text(&reference_run(&[prog.as_os_str(), ref_dir.as_os_str(), "30".as_ref()], T).stdout);
-
-    let work = env.workdir("job");
     let name = "pids-taken";
-    let mut job = env.run(
-        name,
-        &[],
-        &[prog.as_os_str(), work.as_os_str(), "30".as_ref()],
-    );
+    let Started {
+        mut job, expected, ..
+    } = env.start_workload(name, "forktree", "30", &[]);
     job.wait_for("step 10 ", T);
     let root = env.root_pid(name);
     let pids = tree_pids(root);

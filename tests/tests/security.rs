@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use ckpt_e2e::{
     as_user, example, json_of, proc_uid, reference_run, require, text, tree_pids, Env, Prereq,
+    Started,
 };
 
 const T: Duration = Duration::from_secs(60);
@@ -44,17 +45,10 @@ fn non_root_cannot_checkpoint_a_root_job() {
         return;
     }
     let env = Env::new();
-    let prog = example("threads");
-    let ref_dir = env.workdir("reference");
-    let expected =
-        text(&reference_run(&[prog.as_os_str(), ref_dir.as_os_str(), "30".as_ref()], T).stdout);
-    let work = env.workdir("job");
     let name = "roots-job";
-    let mut job = env.run(
-        name,
-        &[],
-        &[prog.as_os_str(), work.as_os_str(), "30".as_ref()],
-    );
+    let Started {
+        mut job, expected, ..
+    } = env.start_workload(name, "threads", "30", &[]);
     job.wait_for("step 2 ", T);
     open_up(&env);
 
