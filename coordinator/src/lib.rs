@@ -4,4 +4,5 @@
 
 pub mod commit;
 pub mod digest;
+pub mod epoch;
 pub mod store;

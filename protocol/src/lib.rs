@@ -3,6 +3,9 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod async_framing;
+pub mod auth;
+pub mod cluster;
 pub mod framing;
 pub mod manifest;
 

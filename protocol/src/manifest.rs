@@ -184,6 +184,14 @@ impl Key {
         }
     }
 
+    /// An independent subkey of this key for another purpose (BLAKE3 in
+    /// key-derivation mode with `context`): a MAC made with it never
+    /// verifies as a manifest MAC or under another context, and the key
+    /// bytes themselves stay inside this crate.
+    pub(crate) fn derive_subkey(&self, context: &'static str) -> [u8; 32] {
+        blake3::derive_key(context, &self.0)
+    }
+
     fn mac(&self, data: &[u8]) -> blake3::Hash {
         blake3::keyed_hash(&self.0, data)
     }
