@@ -1,8 +1,10 @@
-//! The coordinator: the epoch state machine and the image store.
+//! The coordinator: the epoch state machine, the image store, and the
+//! network core that drives epochs over agent connections ([`daemon`]).
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod commit;
+pub mod daemon;
 pub mod digest;
 pub mod epoch;
 pub mod store;
