@@ -188,6 +188,27 @@ pub fn dump_tree(
     Ok(result)
 }
 
+/// Dumps a tree the caller has already frozen (and drained), and packs its
+/// images, leaving it frozen whatever happens: the caller thaws it, kills
+/// it, or keeps it frozen for a later commit. For the node agent, whose
+/// PREPARE freezes and whose DUMP dumps; the digests of the page files are
+/// complete when this returns (`sealed`), the other `files` are not yet
+/// digested. `hooks.frozen` is called once more before the capture.
+pub fn dump_frozen_tree(
+    req: &DumpRequest<'_>,
+    hooks: &mut dyn DumpHooks,
+    notify: &mut dyn NotifyHandler,
+) -> Result<DumpResult, DumpError> {
+    let t0 = Instant::now();
+    let mut result = dump_frozen(req, hooks, notify, t0, t0)?;
+    hooks.phase(Phase::Packing);
+    let tp = Instant::now();
+    finish_follow(&mut result)?;
+    pack_images(req, &mut result)?;
+    result.pack_ms = ms(tp.elapsed());
+    Ok(result)
+}
+
 fn dump_frozen(
     req: &DumpRequest<'_>,
     hooks: &mut dyn DumpHooks,

@@ -6,12 +6,15 @@
 //! - [`capture`]: node-local state a tree needs at restore (shm, MPI session
 //!   dirs, sizes of files it writes).
 //! - [`images`]: packing CRIU's many small image files into one file.
+//! - [`daemon`]: the agent daemon: coordinator session, local trees, the
+//!   epoch protocol.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod capture;
 pub mod checkpoint;
 pub mod criu;
+pub mod daemon;
 pub mod freezer;
 pub mod images;
 pub mod restore;

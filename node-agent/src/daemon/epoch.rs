@@ -1,0 +1,445 @@
+//! One job's epochs on this node: a task that takes the coordinator's
+//! commands for the job in order and keeps the agent-side phase.
+//!
+//! ```text
+//!        PREPARE: freeze+drain          DUMP: CRIU          COMMIT(stop): flush
+//!  Idle ───────────────────────► Ready ──────────► Dumped ─────────────────────► Flushed
+//!   ▲   READY | FAIL (thawed)          DUMPED | FAIL  │    FLUSHED (still frozen)    │
+//!   │                                                  │ COMMIT(resume): thaw,       │ COMMITTED:
+//!   │                                                  │ RESUMED, flush, FLUSHED     │ SIGKILL, thaw,
+//!   └──────────────────────────────────────────────────┴─────────────────────────────┘ STOPPED
+//!  ABORT (any phase): thaw, drop this node's files, ABORTED.
+//!  Coordinator lost, or `frozen_max` past: thaw (fail closed); the files
+//!  are dropped unless FLUSHED in stop mode (the commit may have happened).
+//! ```
+//!
+//! Commands are handled one at a time: an ABORT that arrives during a CRIU
+//! dump waits for the dump (which cannot be interrupted safely) and then
+//! thaws the tree.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ckpt_protocol::cluster::{node_image_to_wire, pb};
+use ckpt_protocol::manifest::FileDigest;
+use tokio::sync::mpsc;
+
+use super::ops::{self, ms};
+use super::trees::{lock, Tree};
+use super::Shared;
+
+use pb::frame::Body;
+
+/// What a job's task is told.
+#[derive(Debug)]
+pub(crate) enum Cmd {
+    /// A command from the coordinator about this job.
+    Frame(Body),
+    /// The connection to the coordinator is gone.
+    Lost,
+}
+
+/// Where this node is in the job's current epoch while it holds the trees
+/// frozen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// Frozen and drained (READY sent).
+    Ready,
+    /// Dumped (DUMPED sent), still frozen.
+    Dumped,
+    /// Stop mode: flushed (FLUSHED sent), frozen until COMMITTED.
+    Flushed,
+}
+
+/// An epoch in which this node's trees are frozen.
+#[derive(Debug)]
+struct Frozen {
+    epoch: u64,
+    held: Held,
+    dir: PathBuf,
+    trees: Vec<Arc<Tree>>,
+    frozen_at: Instant,
+    /// `frozen_max` from PREPARE: past it the agent thaws on its own.
+    deadline: tokio::time::Instant,
+    files: Vec<FileDigest>,
+}
+
+struct JobTask {
+    shared: Arc<Shared>,
+    job: String,
+    frozen: Option<Frozen>,
+    /// The last epoch that is not frozen any more but may still be aborted
+    /// (its files are dropped then): `(epoch, dir)`.
+    last: Option<(u64, PathBuf)>,
+}
+
+/// Runs the job's task until its sender is dropped (then any frozen tree is
+/// thawed).
+pub(crate) async fn run(shared: Arc<Shared>, job: String, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+    let mut t = JobTask {
+        shared,
+        job,
+        frozen: None,
+        last: None,
+    };
+    loop {
+        let cmd = match t.frozen.as_ref().map(|f| f.deadline) {
+            Some(deadline) => match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(c) => c,
+                Err(_) => {
+                    t.expired().await;
+                    continue;
+                }
+            },
+            None => rx.recv().await,
+        };
+        match cmd {
+            Some(Cmd::Frame(body)) => t.on_frame(body).await,
+            Some(Cmd::Lost) => t.give_up("the coordinator was lost").await,
+            None => {
+                t.give_up("the agent is shutting down").await;
+                return;
+            }
+        }
+    }
+}
+
+/// Runs blocking work on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("the agent's worker failed: {e}"))
+}
+
+impl JobTask {
+    fn send(&self, frame: impl Into<pb::Frame>) {
+        self.shared.send(frame.into());
+    }
+
+    fn fail(&self, epoch: u64, phase: pb::Phase, reason: String) {
+        tracing::warn!(node = %self.shared.cfg.node, job = %self.job, epoch, phase = ?phase, %reason, "epoch failed here");
+        self.send(pb::Fail {
+            job: self.job.clone(),
+            epoch,
+            phase: phase as i32,
+            reason,
+        });
+    }
+
+    fn status(&self, epoch: u64, phase: pb::NodePhase) {
+        self.shared.set_status(&self.job, epoch, phase);
+    }
+
+    async fn on_frame(&mut self, body: Body) {
+        match body {
+            Body::Prepare(p) => self.prepare(p).await,
+            Body::Dump(d) => self.dump(d.epoch).await,
+            Body::Commit(c) => self.commit(c.epoch, c.action).await,
+            Body::EpochCommitted(c) => self.committed(c.epoch).await,
+            Body::Abort(a) => self.abort(a.epoch, &a.reason).await,
+            other => {
+                let kind = pb::Frame { body: Some(other) }.kind();
+                tracing::warn!(job = %self.job, kind, "ignoring a frame an agent does not take");
+            }
+        }
+    }
+
+    fn frozen_in(&self, epoch: u64, held: Held) -> bool {
+        self.frozen
+            .as_ref()
+            .is_some_and(|f| f.epoch == epoch && f.held == held)
+    }
+
+    async fn prepare(&mut self, p: pb::Prepare) {
+        let epoch = p.epoch;
+        if let Some(f) = &self.frozen {
+            if f.epoch == epoch {
+                return; // a duplicate
+            }
+            let old = f.epoch;
+            self.give_up(&format!("PREPARE of epoch {epoch} replaced epoch {old}"))
+                .await;
+        }
+        let checked = (|| {
+            p.checkpoint_mode("coordinator")
+                .map_err(|e| e.to_string())?;
+            let d = p.deadlines.ok_or("PREPARE carries no deadlines")?;
+            if d.frozen_max_ms == 0 {
+                return Err("PREPARE sets no frozen_max deadline".to_owned());
+            }
+            if !Path::new(&p.epoch_dir).is_absolute() {
+                return Err(format!("epoch dir {:?} is not absolute", p.epoch_dir));
+            }
+            Ok(d)
+        })();
+        let deadlines = match checked {
+            Ok(d) => d,
+            Err(reason) => return self.fail(epoch, pb::Phase::Prepare, reason),
+        };
+        let received = tokio::time::Instant::now();
+        let deadline = received + Duration::from_millis(deadlines.frozen_max_ms.into());
+        let dir = PathBuf::from(&p.epoch_dir);
+        self.status(epoch, pb::NodePhase::Preparing);
+        let trees = self.shared.registry.of_job(&self.job);
+        let mut freeze_timeout = self.shared.cfg.freeze_timeout;
+        if deadlines.prepare_ms > 0 {
+            freeze_timeout = freeze_timeout.min(Duration::from_millis(deadlines.prepare_ms.into()));
+        }
+        let frozen_at = Instant::now();
+        let work = trees.clone();
+        let r = blocking(move || ops::prepare(&work, freeze_timeout))
+            .await
+            .and_then(|r| r);
+        match r {
+            Ok(done) => {
+                tracing::info!(node = %self.shared.cfg.node, job = %self.job, epoch, freeze_ms = done.freeze_ms, "ready");
+                self.frozen = Some(Frozen {
+                    epoch,
+                    held: Held::Ready,
+                    dir,
+                    trees,
+                    frozen_at,
+                    deadline,
+                    files: Vec::new(),
+                });
+                self.status(epoch, pb::NodePhase::Ready);
+                self.send(pb::Ready {
+                    job: self.job.clone(),
+                    epoch,
+                    drain_ms: done.drain_ms,
+                    lock_ms: 0.0,
+                    freeze_ms: done.freeze_ms,
+                });
+            }
+            Err(reason) => {
+                self.last = Some((epoch, dir));
+                self.status(epoch, pb::NodePhase::Idle);
+                self.fail(epoch, pb::Phase::Prepare, reason);
+            }
+        }
+    }
+
+    async fn dump(&mut self, epoch: u64) {
+        if !self.frozen_in(epoch, Held::Ready) {
+            return self.fail(epoch, pb::Phase::Dump, self.not_in(epoch, "READY"));
+        }
+        let Some(f) = self.frozen.as_mut() else {
+            return;
+        };
+        self.shared
+            .set_status(&self.job, epoch, pb::NodePhase::Dumping);
+        let (shared, trees, dir) = (self.shared.clone(), f.trees.clone(), f.dir.clone());
+        let r = blocking(move || {
+            ops::dump(
+                &shared.criu,
+                &shared.cfg.node,
+                &trees,
+                &dir,
+                shared.cfg.freeze_timeout,
+            )
+        })
+        .await
+        .and_then(|r| r)
+        .and_then(|d| {
+            let wire = node_image_to_wire(&d.image).map_err(|e| e.to_string())?;
+            Ok((d, wire))
+        });
+        match r {
+            Ok((d, image)) => {
+                f.held = Held::Dumped;
+                f.files = d.image.files.clone();
+                tracing::info!(node = %self.shared.cfg.node, job = %self.job, epoch, dump_ms = d.dump_ms, files = f.files.len(), "dumped");
+                self.status(epoch, pb::NodePhase::Dumped);
+                self.send(pb::Dumped {
+                    job: self.job.clone(),
+                    epoch,
+                    image: Some(image),
+                    timings: Some(pb::NodeTimings {
+                        dump_ms: d.dump_ms,
+                        capture_ms: d.capture_ms,
+                        pack_ms: d.pack_ms,
+                        digest_ms: d.digest_ms,
+                    }),
+                    criu_version: self.shared.criu_version.clone(),
+                });
+            }
+            Err(reason) => {
+                self.drop_frozen(true).await;
+                self.fail(epoch, pb::Phase::Dump, reason);
+            }
+        }
+    }
+
+    async fn commit(&mut self, epoch: u64, action: i32) {
+        if !self.frozen_in(epoch, Held::Dumped) {
+            return self.fail(epoch, pb::Phase::Commit, self.not_in(epoch, "DUMPED"));
+        }
+        let Some(f) = self.frozen.as_mut() else {
+            return;
+        };
+        let (dir, files) = (f.dir.clone(), f.files.clone());
+        match pb::CommitAction::try_from(action) {
+            Ok(pb::CommitAction::Resume) => {
+                let Some(f) = self.frozen.take() else { return };
+                let trees = f.trees.clone();
+                let _ = blocking(move || ops::thaw(&trees)).await;
+                let downtime_ms = ms(f.frozen_at.elapsed());
+                self.last = Some((epoch, f.dir));
+                self.send(pb::Resumed {
+                    job: self.job.clone(),
+                    epoch,
+                    downtime_ms,
+                });
+                self.status(epoch, pb::NodePhase::Flushing);
+                match self.flush(epoch, dir, files).await {
+                    Ok(m) => self.send(m),
+                    Err(reason) => self.fail(epoch, pb::Phase::Flush, reason),
+                }
+                self.status(epoch, pb::NodePhase::Idle);
+            }
+            Ok(pb::CommitAction::Stop) => {
+                self.status(epoch, pb::NodePhase::Flushing);
+                match self.flush(epoch, dir, files).await {
+                    Ok(m) => {
+                        if let Some(f) = self.frozen.as_mut() {
+                            f.held = Held::Flushed;
+                        }
+                        self.send(m);
+                    }
+                    Err(reason) => {
+                        self.drop_frozen(false).await;
+                        self.fail(epoch, pb::Phase::Flush, reason);
+                    }
+                }
+            }
+            _ => self.fail(
+                epoch,
+                pb::Phase::Commit,
+                format!("COMMIT with unknown action {action}"),
+            ),
+        }
+    }
+
+    async fn flush(
+        &self,
+        epoch: u64,
+        dir: PathBuf,
+        files: Vec<FileDigest>,
+    ) -> Result<pb::Flushed, String> {
+        let t0 = Instant::now();
+        let bytes = blocking(move || ops::flush(&dir, &files)).await??;
+        Ok(pb::Flushed {
+            job: self.job.clone(),
+            epoch,
+            bytes,
+            flush_ms: ms(t0.elapsed()),
+        })
+    }
+
+    async fn committed(&mut self, epoch: u64) {
+        if self.last.as_ref().is_some_and(|l| l.0 == epoch) {
+            self.last = None; // committed: never drop its files
+        }
+        if !self.frozen_in(epoch, Held::Flushed) {
+            return; // continue mode: nothing left to do
+        }
+        let Some(f) = self.frozen.take() else { return };
+        let trees = f.trees.clone();
+        let _ = blocking(move || ops::kill(&trees)).await;
+        tracing::info!(node = %self.shared.cfg.node, job = %self.job, epoch, "committed; trees stopped");
+        self.status(epoch, pb::NodePhase::Idle);
+        self.send(pb::Stopped {
+            job: self.job.clone(),
+            epoch,
+            downtime_ms: ms(f.frozen_at.elapsed()),
+        });
+    }
+
+    async fn abort(&mut self, epoch: u64, reason: &str) {
+        tracing::info!(node = %self.shared.cfg.node, job = %self.job, epoch, %reason, "abort");
+        self.status(epoch, pb::NodePhase::Aborting);
+        if self.frozen.as_ref().is_some_and(|f| f.epoch == epoch) {
+            self.drop_frozen(true).await;
+        } else if let Some((_, dir)) = self.last.take_if(|l| l.0 == epoch) {
+            let node = self.shared.cfg.node.clone();
+            let _ = blocking(move || ops::remove_node_files(&dir, &node)).await;
+        }
+        self.status(epoch, pb::NodePhase::Idle);
+        self.send(pb::Aborted {
+            job: self.job.clone(),
+            epoch,
+        });
+    }
+
+    /// Thaws a frozen epoch's trees; drops its files if `remove`, else
+    /// keeps it abortable in `last`.
+    async fn drop_frozen(&mut self, remove: bool) {
+        let Some(f) = self.frozen.take() else { return };
+        let (trees, dir, node) = (f.trees, f.dir.clone(), self.shared.cfg.node.clone());
+        let _ = blocking(move || {
+            ops::thaw(&trees);
+            if remove {
+                ops::remove_node_files(&dir, &node);
+            }
+        })
+        .await;
+        if !remove {
+            self.last = Some((f.epoch, f.dir));
+        }
+    }
+
+    /// Fail closed without the coordinator: thaw. A stop-mode epoch that
+    /// was FLUSHED may have been committed, so its files stay.
+    async fn give_up(&mut self, why: &str) {
+        let Some(f) = &self.frozen else { return };
+        let (epoch, held) = (f.epoch, f.held);
+        tracing::warn!(node = %self.shared.cfg.node, job = %self.job, epoch, ?held, why, "thawing the job's trees on our own");
+        self.drop_frozen(held != Held::Flushed).await;
+        self.status(epoch, pb::NodePhase::Idle);
+    }
+
+    async fn expired(&mut self) {
+        let Some(f) = &self.frozen else { return };
+        let (epoch, held) = (f.epoch, f.held);
+        self.give_up("frozen_max passed without COMMIT or ABORT")
+            .await;
+        let phase = match held {
+            Held::Ready => pb::Phase::Dump,
+            Held::Dumped => pb::Phase::Commit,
+            Held::Flushed => pb::Phase::Flush,
+        };
+        self.fail(
+            epoch,
+            phase,
+            "the tree stayed frozen past frozen_max; thawed".into(),
+        );
+    }
+
+    fn not_in(&self, epoch: u64, want: &str) -> String {
+        match &self.frozen {
+            Some(f) => format!(
+                "epoch {epoch} is not {want} here (this node is in epoch {} at {:?})",
+                f.epoch, f.held
+            ),
+            None => format!("epoch {epoch} is not {want} here (no epoch in progress)"),
+        }
+    }
+}
+
+/// Heartbeat status of the agent.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Status {
+    pub job: String,
+    pub epoch: u64,
+    pub phase: i32,
+}
+
+impl Shared {
+    pub(crate) fn set_status(&self, job: &str, epoch: u64, phase: pb::NodePhase) {
+        let mut s = lock(&self.status);
+        s.job = job.to_owned();
+        s.epoch = epoch;
+        s.phase = phase as i32;
+    }
+}

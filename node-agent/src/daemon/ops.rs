@@ -1,0 +1,227 @@
+//! The blocking work of each epoch phase on this node's trees of one job
+//! (run on tokio's blocking pool). Every function that fails leaves the
+//! trees as the caller's phase requires; the caller decides what to thaw.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ckpt_protocol::manifest::{FileDigest, NodeImage};
+
+use crate::capture::CaptureRules;
+use crate::checkpoint::{self, DumpHooks, DumpRequest};
+use crate::criu::{Criu, NoNotify};
+use crate::freezer::Freezer;
+
+use super::trees::{Tree, TreeState};
+
+/// Longest wait for the pumps to take a frozen tree's pending output.
+const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
+pub(crate) fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// PREPARE's result.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Prepared {
+    pub freeze_ms: f64,
+    pub drain_ms: f64,
+}
+
+/// Freezes every tree of the job and drains its output. On failure every
+/// tree is thawed again.
+pub(crate) fn prepare(trees: &[Arc<Tree>], freeze_timeout: Duration) -> Result<Prepared, String> {
+    if trees.is_empty() {
+        return Err("no tree of this job runs on this node".into());
+    }
+    for t in trees {
+        if let TreeState::Exited(code) = t.state() {
+            return Err(format!("tree {} has already exited (status {code})", t.id));
+        }
+    }
+    let t0 = Instant::now();
+    for (i, t) in trees.iter().enumerate() {
+        if let Err(e) = t.freezer.freeze(freeze_timeout) {
+            thaw(&trees[..=i]);
+            return Err(format!("freezing tree {}: {e}", t.id));
+        }
+    }
+    let freeze_ms = ms(t0.elapsed());
+    // A tree that died just before its freeze is not worth a dump.
+    for t in trees {
+        if !Path::new(&format!("/proc/{}", t.handle.root_pid)).exists()
+            || matches!(t.state(), TreeState::Exited(_))
+        {
+            thaw(trees);
+            return Err(format!("tree {} exited while it was frozen", t.id));
+        }
+    }
+    let td = Instant::now();
+    for t in trees {
+        if let Err(e) = t.drain(DRAIN_LIMIT) {
+            thaw(trees);
+            return Err(e);
+        }
+    }
+    Ok(Prepared {
+        freeze_ms,
+        drain_ms: ms(td.elapsed()),
+    })
+}
+
+/// Thaws every tree; failures are logged (a tree that is gone is thawed).
+pub(crate) fn thaw(trees: &[Arc<Tree>]) {
+    for t in trees {
+        if let Err(e) = t.freezer.thaw() {
+            tracing::error!(job = %t.job, tree = t.id, error = %e, "cannot thaw the tree");
+        }
+    }
+}
+
+/// SIGKILLs every task of the frozen trees, then thaws them.
+pub(crate) fn kill(trees: &[Arc<Tree>]) {
+    for t in trees {
+        if let Err(e) = t.kill_frozen() {
+            tracing::error!(job = %t.job, tree = t.id, error = %e, "cannot thaw the killed tree");
+        }
+    }
+}
+
+/// DUMP's result: this node's image, every file digested.
+#[derive(Debug)]
+pub(crate) struct Dumped {
+    pub image: NodeImage,
+    pub dump_ms: f64,
+    pub capture_ms: f64,
+    pub pack_ms: f64,
+    pub digest_ms: f64,
+}
+
+/// The drain happened at PREPARE; the tree has been frozen since.
+struct Drained;
+
+impl DumpHooks for Drained {
+    fn frozen(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Dumps each frozen tree into `dir` (one CRIU call per tree) and digests
+/// every file. Trees stay frozen, also on failure.
+pub(crate) fn dump(
+    criu: &Criu,
+    node: &str,
+    trees: &[Arc<Tree>],
+    dir: &Path,
+    freeze_timeout: Duration,
+) -> Result<Dumped, String> {
+    fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let rules = CaptureRules::default();
+    let mut out = Dumped {
+        image: NodeImage {
+            node: node.to_owned(),
+            ranks: Vec::new(),
+            trees: Vec::new(),
+            files: Vec::new(),
+        },
+        dump_ms: 0.0,
+        capture_ms: 0.0,
+        pack_ms: 0.0,
+        digest_ms: 0.0,
+    };
+    for t in trees {
+        let req = DumpRequest {
+            criu,
+            tree: &t.handle,
+            freezer: &t.freezer,
+            epoch_dir: dir,
+            prefix: tree_prefix(node, t.id),
+            stop: true,
+            freeze_timeout,
+            rules: &rules,
+        };
+        let r = checkpoint::dump_frozen_tree(&req, &mut Drained, &mut NoNotify)
+            .map_err(|e| format!("dumping tree {} (pid {}): {e}", t.id, t.handle.root_pid))?;
+        out.dump_ms += r.dump_ms;
+        out.capture_ms += r.capture_ms;
+        out.pack_ms += r.pack_ms;
+        let td = Instant::now();
+        out.image.files.extend(r.sealed.iter().cloned());
+        for name in &r.files {
+            out.image.files.push(digest(dir, name)?);
+        }
+        out.digest_ms += ms(td.elapsed());
+        out.image.trees.push(r.image);
+    }
+    Ok(out)
+}
+
+/// `<node>.t<id>`: the prefix of every file of one tree in the epoch dir.
+pub(crate) fn tree_prefix(node: &str, id: u32) -> String {
+    format!("{node}.t{id}")
+}
+
+fn digest(dir: &Path, name: &str) -> Result<FileDigest, String> {
+    let path = dir.join(name);
+    let err = |e: io::Error| format!("digesting {}: {e}", path.display());
+    let mut f = File::open(&path).map_err(err)?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(err)?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        h.update(&buf[..n]);
+    }
+    Ok(FileDigest {
+        name: name.to_owned(),
+        size,
+        blake3: h.finalize().to_hex().to_string(),
+    })
+}
+
+/// Makes every file of this node's image durable, then the directory entry
+/// of each (fsync of the dir). Returns the bytes flushed.
+pub(crate) fn flush(dir: &Path, files: &[FileDigest]) -> Result<u64, String> {
+    let mut bytes = 0;
+    for f in files {
+        let path = dir.join(&f.name);
+        File::open(&path)
+            .and_then(|h| h.sync_all())
+            .map_err(|e| format!("fsync {}: {e}", path.display()))?;
+        bytes += f.size;
+    }
+    File::open(dir)
+        .and_then(|h| h.sync_all())
+        .map_err(|e| format!("fsync {}: {e}", dir.display()))?;
+    Ok(bytes)
+}
+
+/// Removes this node's files (and CRIU work dirs) from the epoch dir; the
+/// dir itself too if that leaves it empty.
+pub(crate) fn remove_node_files(dir: &Path, node: &str) {
+    let prefix = format!("{node}.t");
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        if !name.to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        let path = e.path();
+        let r = if e.file_type().is_ok_and(|t| t.is_dir()) {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        if let Err(err) = r {
+            tracing::warn!(path = %path.display(), error = %err, "cannot remove an aborted epoch's file");
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}

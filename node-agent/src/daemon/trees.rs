@@ -1,0 +1,367 @@
+//! The agent's local tree registry: trees it started, their freezer
+//! cgroups, their output, and their exit.
+//!
+//! Each tree gets its own freezer cgroup (one CRIU call per tree), its own
+//! `ckpt-init` copy (CRIU restores only onto the very same file), and two
+//! pipes whose read ends a pump thread copies into files the agent owns. A
+//! reaper thread waits for the init and then removes the cgroup.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::checkpoint::TreeHandle;
+use crate::freezer::{CgroupFreezer, Freezer, FreezerError};
+use crate::restore;
+use crate::tree::{self, NetMode, TreeSpec};
+
+/// A tree's id on this agent (unique for the agent's lifetime).
+pub type TreeId = u32;
+
+/// What to start: the job's command and where its output goes.
+#[derive(Debug, Clone)]
+pub struct TreeArgs {
+    pub argv: Vec<OsString>,
+    pub cwd: PathBuf,
+    pub env: Vec<(OsString, OsString)>,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub net: NetMode,
+    /// The tree's stdout and stderr are appended to these files (created
+    /// 0600 if missing).
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl TreeArgs {
+    /// `argv` as root in `/`, private network, output into `out_dir/{stdout,stderr}`.
+    pub fn new<I, S>(argv: I, out_dir: &Path) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        TreeArgs {
+            argv: argv.into_iter().map(Into::into).collect(),
+            cwd: PathBuf::from("/"),
+            env: Vec::new(),
+            uid: 0,
+            gid: 0,
+            groups: Vec::new(),
+            net: NetMode::Private,
+            stdout: out_dir.join("stdout"),
+            stderr: out_dir.join("stderr"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("job name {0:?} is not a plain name (letters, digits, '.', '_', '-')")]
+    BadJobName(String),
+    #[error("creating the freezer cgroup of job {job}: {source}")]
+    Freezer { job: String, source: FreezerError },
+    #[error("installing ckpt-init for job {job}: {source}")]
+    Init {
+        job: String,
+        source: Box<restore::RestoreError>,
+    },
+    #[error("{op} {path} for job {job}: {source}")]
+    Io {
+        job: String,
+        op: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("starting the tree of job {job}: {source}")]
+    Tree {
+        job: String,
+        source: tree::TreeError,
+    },
+}
+
+/// Whether a tree still runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TreeState {
+    Running,
+    /// The init was reaped: its exit code, or 128 + the signal.
+    Exited(i32),
+}
+
+/// A snapshot of one tree, for callers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeInfo {
+    pub id: TreeId,
+    pub job: String,
+    pub root_pid: i32,
+    pub state: TreeState,
+}
+
+/// One tree the agent started.
+#[derive(Debug)]
+pub(crate) struct Tree {
+    pub id: TreeId,
+    pub job: String,
+    pub handle: TreeHandle,
+    pub freezer: CgroupFreezer,
+    /// Read ends of the stdio pipes (drained while the tree is frozen).
+    outputs: Vec<Arc<File>>,
+    state: Mutex<TreeState>,
+}
+
+impl Tree {
+    pub fn state(&self) -> TreeState {
+        *lock(&self.state)
+    }
+
+    pub fn info(&self) -> TreeInfo {
+        TreeInfo {
+            id: self.id,
+            job: self.job.clone(),
+            root_pid: self.handle.root_pid,
+            state: self.state(),
+        }
+    }
+
+    /// Waits until every byte the (frozen) tree wrote to its pipes has been
+    /// taken by the pumps.
+    pub fn drain(&self, limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        for f in &self.outputs {
+            loop {
+                let mut n: libc::c_int = 0;
+                // SAFETY: FIONREAD on a descriptor we own (kept open by the
+                // Arc) writes one int.
+                let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::FIONREAD, &mut n) };
+                if r < 0 || n == 0 {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "{n} bytes of tree {}'s output still unread after {} ms",
+                        self.id,
+                        limit.as_millis()
+                    ));
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the frozen tree without letting it run again: SIGKILL to every
+    /// task while frozen, then thaw (each dies before user space).
+    pub fn kill_frozen(&self) -> Result<(), FreezerError> {
+        let mut pids = self.freezer.pids().unwrap_or_default();
+        if !pids.contains(&self.handle.root_pid) {
+            pids.push(self.handle.root_pid);
+        }
+        for pid in pids {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        self.freezer.thaw()
+    }
+}
+
+/// The trees of this agent.
+#[derive(Debug)]
+pub(crate) struct Registry {
+    node: String,
+    init_binary: PathBuf,
+    state_dir: PathBuf,
+    trees: Mutex<BTreeMap<TreeId, Arc<Tree>>>,
+    next: Mutex<TreeId>,
+}
+
+impl Registry {
+    pub fn new(node: &str, init_binary: PathBuf, state_dir: PathBuf) -> Self {
+        Registry {
+            node: node.to_owned(),
+            init_binary,
+            state_dir,
+            trees: Mutex::new(BTreeMap::new()),
+            next: Mutex::new(0),
+        }
+    }
+
+    pub fn get(&self, id: TreeId) -> Option<Arc<Tree>> {
+        lock(&self.trees).get(&id).cloned()
+    }
+
+    /// The job's trees, by id.
+    pub fn of_job(&self, job: &str) -> Vec<Arc<Tree>> {
+        lock(&self.trees)
+            .values()
+            .filter(|t| t.job == job)
+            .cloned()
+            .collect()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Tree>> {
+        lock(&self.trees).values().cloned().collect()
+    }
+
+    /// Starts `args` as a new tree of `job` (blocking: clone + exec).
+    pub fn spawn(&self, job: &str, args: &TreeArgs) -> Result<TreeId, SpawnError> {
+        if ckpt_protocol::manifest::check_name("job", job).is_err()
+            || !job
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(SpawnError::BadJobName(job.to_owned()));
+        }
+        let id = {
+            let mut next = lock(&self.next);
+            *next += 1;
+            *next - 1
+        };
+        let io_err = |op: &'static str, path: &Path| {
+            let (job, path) = (job.to_owned(), path.to_path_buf());
+            move |source| SpawnError::Io {
+                job,
+                op,
+                path,
+                source,
+            }
+        };
+        // `<name>-<our pid>`: freezer::sweep_stale removes it once we are gone.
+        let cg_name = format!("agent.{}.{job}.t{id}-{}", self.node, std::process::id());
+        let freezer = CgroupFreezer::create(&cg_name).map_err(|source| SpawnError::Freezer {
+            job: job.to_owned(),
+            source,
+        })?;
+        let init_dir = self.state_dir.join(format!("{job}.t{id}"));
+        let init = restore::install_init(&init_dir, &self.init_binary).map_err(|source| {
+            let _ = freezer.remove();
+            SpawnError::Init {
+                job: job.to_owned(),
+                source: Box::new(source),
+            }
+        })?;
+        let open_out = |path: &Path| {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(io_err("open", path))
+        };
+        let out_file = open_out(&args.stdout)?;
+        let err_file = open_out(&args.stderr)?;
+        let (out_r, out_w) = pipe().map_err(io_err("create a pipe for", &args.stdout))?;
+        let (err_r, err_w) = pipe().map_err(io_err("create a pipe for", &args.stderr))?;
+        let spec = TreeSpec {
+            init,
+            init_dir: init_dir.clone(),
+            argv: args.argv.clone(),
+            cwd: args.cwd.clone(),
+            env: args.env.clone(),
+            uid: args.uid,
+            gid: args.gid,
+            groups: args.groups.clone(),
+            net: args.net,
+            stdin: None,
+            stdout: out_w,
+            stderr: err_w,
+            cgroups: vec![freezer.procs_file()],
+        };
+        let pid = match tree::spawn(&spec) {
+            Ok(pid) => pid,
+            Err(source) => {
+                let _ = freezer.remove();
+                return Err(SpawnError::Tree {
+                    job: job.to_owned(),
+                    source,
+                });
+            }
+        };
+        drop(spec); // our copies of the write ends: EOF when the tree ends
+        let (out_r, err_r) = (Arc::new(File::from(out_r)), Arc::new(File::from(err_r)));
+        let pumps = vec![pump(out_r.clone(), out_file), pump(err_r.clone(), err_file)];
+        let tree = Arc::new(Tree {
+            id,
+            job: job.to_owned(),
+            handle: TreeHandle {
+                id,
+                root_pid: pid,
+                net: args.net,
+                init_binary: Some(init_dir.join(restore::INIT_NAME)),
+                init_dir: Some(init_dir),
+            },
+            freezer,
+            outputs: vec![out_r, err_r],
+            state: Mutex::new(TreeState::Running),
+        });
+        lock(&self.trees).insert(id, tree.clone());
+        tracing::info!(node = %self.node, job, tree = id, pid, "tree started");
+        reap(tree, pumps);
+        Ok(id)
+    }
+}
+
+/// Waits for the tree's init, records how it ended, and removes its cgroup
+/// (once the namespace's other tasks are gone too).
+fn reap(tree: Arc<Tree>, pumps: Vec<thread::JoinHandle<()>>) {
+    thread::spawn(move || {
+        let pid = Pid::from_raw(tree.handle.root_pid);
+        let code = loop {
+            match waitpid(pid, None) {
+                Ok(WaitStatus::Exited(_, code)) => break code,
+                Ok(WaitStatus::Signaled(_, sig, _)) => break 128 + sig as i32,
+                Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::warn!(tree = tree.id, error = %e, "lost track of the tree");
+                    break -1;
+                }
+            }
+        };
+        for p in pumps {
+            let _ = p.join();
+        }
+        *lock(&tree.state) = TreeState::Exited(code);
+        tracing::info!(job = %tree.job, tree = tree.id, code, "tree exited");
+        for _ in 0..50 {
+            if tree.freezer.remove().is_ok() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        if let Some(dir) = &tree.handle.init_dir {
+            let _ = fs::remove_dir_all(dir);
+        }
+    });
+}
+
+fn pump(src: Arc<File>, mut dst: File) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match (&*src).read(&mut buf) {
+                Ok(0) => return,
+                // A full disk must not block the job: keep draining.
+                Ok(n) => drop(dst.write_all(&buf[..n])),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    })
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
