@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ckpt_agent::tree::NetMode;
-use serde::{Deserialize, Deserializer};
+use ckpt_protocol::config_file::{self, at, check_absolute, duration};
+use serde::Deserialize;
+
+pub use ckpt_protocol::config_file::ConfigError;
 
 /// Looked at when neither `--config` nor `CKPT_CONFIG` names a file.
 pub const DEFAULT_PATH: &str = "/etc/ckpt/ckpt.toml";
@@ -51,23 +54,6 @@ impl Default for Config {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("invalid config {path}: {message}")]
-    Invalid { path: PathBuf, message: String },
-}
-
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s)
-        .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
-}
-
 impl Config {
     /// `explicit` (from `--config`), else `CKPT_CONFIG`, else
     /// [`DEFAULT_PATH`] if it exists, else the defaults.
@@ -81,28 +67,19 @@ impl Config {
     }
 
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|message| ConfigError::Invalid {
-            path: path.into(),
-            message,
-        })
+        config_file::load(path, Self::parse)
     }
 
     /// Parses and validates; the message names the key and the line.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let cfg: Config = toml::from_str(text).map_err(|e| describe(text, &e))?;
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| config_file::describe(text, e.message(), e.span()))?;
         cfg.validate(text)?;
         Ok(cfg)
     }
 
     fn validate(&self, text: &str) -> Result<(), String> {
-        let at = |key: &str| match line_of(text, key) {
-            Some(n) => format!("key `{key}` at line {n}"),
-            None => format!("key `{key}`"),
-        };
+        let at = |key: &str| at(text, key);
         if self.keep == 0 {
             return Err(format!(
                 "{}: keep must be at least 1 (0 would delete every checkpoint)",
@@ -115,49 +92,25 @@ impl Config {
                 at("freeze_timeout")
             ));
         }
-        for (key, p) in [
-            ("ckpt_dir", &self.ckpt_dir),
-            ("key_file", &self.key_file),
-            ("run_dir", &self.run_dir),
-            ("staging_dir", &self.staging_dir),
-        ] {
-            if !p.is_absolute() {
-                return Err(format!(
-                    "{}: {} must be an absolute path",
-                    at(key),
-                    p.display()
-                ));
-            }
-        }
+        check_absolute(
+            text,
+            &[
+                ("ckpt_dir", &self.ckpt_dir),
+                ("key_file", &self.key_file),
+                ("run_dir", &self.run_dir),
+                ("staging_dir", &self.staging_dir),
+            ],
+        )?;
         if let Some(n) = &self.node_name {
-            if n.is_empty()
-                || !n
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
-                return Err(format!(
-                    "{}: node_name {n:?} may only hold letters, digits, '-', '_' and '.'",
-                    at("node_name")
-                ));
-            }
+            config_file::check_node_name(n).map_err(|e| format!("{}: {e}", at("node_name")))?;
         }
         Ok(())
     }
 
     pub fn node_name(&self) -> String {
-        self.node_name.clone().unwrap_or_else(|| {
-            nix::unistd::gethostname()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .filter(|h| !h.is_empty())
-                .map(|h| {
-                    h.replace(
-                        |c: char| !(c.is_ascii_alphanumeric() || "-_.".contains(c)),
-                        "_",
-                    )
-                })
-                .unwrap_or_else(|| "node".into())
-        })
+        self.node_name
+            .clone()
+            .unwrap_or_else(ckpt_agent::config::default_node_name)
     }
 
     pub fn jobs_dir(&self) -> PathBuf {
@@ -167,30 +120,6 @@ impl Config {
     pub fn socket_path(&self, job: &str) -> PathBuf {
         self.jobs_dir().join(format!("{job}.sock"))
     }
-}
-
-/// toml's message already says "at line L, column C"; make sure it also
-/// names the key where toml only gives a span.
-fn describe(text: &str, e: &toml::de::Error) -> String {
-    let msg = e.message().trim().to_string();
-    match e.span() {
-        Some(span) => {
-            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            let snippet = text.lines().nth(line - 1).unwrap_or("").trim();
-            format!("line {line}: {msg} (in `{snippet}`)")
-        }
-        None => msg,
-    }
-}
-
-fn line_of(text: &str, key: &str) -> Option<usize> {
-    text.lines()
-        .position(|l| {
-            let l = l.trim_start();
-            l.strip_prefix(key)
-                .is_some_and(|rest| rest.trim_start().starts_with('='))
-        })
-        .map(|i| i + 1)
 }
 
 #[cfg(test)]
@@ -236,17 +165,36 @@ mod tests {
         assert!(e.contains("line 1"), "{e}");
     }
 
+    /// Every `configs/*.toml` is loaded with the loader its name picks:
+    /// `coordinator.toml` and `agent.toml` with the daemons', anything else
+    /// as a `ckpt.toml`.
     #[test]
     fn example_configs_load() {
+        use ckpt_agent::config::AgentFile;
+        use ckpt_coordinator::config::CoordinatorFile;
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
-        let mut n = 0;
+        let mut loaded = Vec::new();
         for entry in std::fs::read_dir(&dir).unwrap() {
             let p = entry.unwrap().path();
-            if p.extension().is_some_and(|e| e == "toml") {
-                Config::from_file(&p).unwrap_or_else(|e| panic!("{e}"));
-                n += 1;
+            if p.extension().is_none_or(|e| e != "toml") {
+                continue;
             }
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            let r = match name.as_str() {
+                "coordinator.toml" => CoordinatorFile::from_file(&p).map(drop),
+                "agent.toml" => AgentFile::from_file(&p).map(drop),
+                _ => Config::from_file(&p).map(drop),
+            };
+            r.unwrap_or_else(|e| panic!("{e}"));
+            loaded.push(name);
         }
-        assert!(n > 0, "no example config in {}", dir.display());
+        loaded.sort();
+        for expected in ["agent.toml", "ckpt.toml", "coordinator.toml"] {
+            assert!(
+                loaded.iter().any(|n| n == expected),
+                "{expected} missing from {}",
+                dir.display()
+            );
+        }
     }
 }

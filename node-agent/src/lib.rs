@@ -6,6 +6,7 @@
 //! - [`capture`]: node-local state a tree needs at restore (shm, MPI session
 //!   dirs, sizes of files it writes).
 //! - [`images`]: packing CRIU's many small image files into one file.
+//! - [`config`]: `agent.toml`, the `ckpt-agent` daemon's config.
 //! - [`daemon`]: the agent daemon: coordinator session, local trees, the
 //!   epoch protocol.
 
@@ -13,6 +14,7 @@
 
 pub mod capture;
 pub mod checkpoint;
+pub mod config;
 pub mod criu;
 pub mod daemon;
 pub mod freezer;

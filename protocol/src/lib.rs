@@ -6,8 +6,10 @@
 pub mod async_framing;
 pub mod auth;
 pub mod cluster;
+pub mod config_file;
 pub mod framing;
 pub mod manifest;
+pub mod report;
 
 /// ckpt's own control messages (`proto/ckpt.proto`).
 #[allow(missing_debug_implementations, clippy::all)]

@@ -14,7 +14,10 @@ use crate::epoch::{
     Action, AgentMsg, Epoch, EpochSpec, Event, Handled, Ignored, Outcome, Roster, Verdict,
 };
 
-use super::wire::{self, EpochWire, Framed};
+use super::restart::{
+    RestartAction, RestartError, RestartEvent, RestartOutcome, RestartRequest, RestartRun,
+};
+use super::wire::{self, EpochWire, Framed, RestartReply};
 use super::{
     CheckpointError, CheckpointRequest, ManifestWriter, NodeInfo, Refusal, NAMED_MISSING,
     REFUSALS_KEPT,
@@ -49,6 +52,13 @@ pub(crate) enum Inbound {
         epoch: u64,
         msg: AgentMsg,
     },
+    /// An agent's reply that only a restart waits for.
+    Restart {
+        conn: ConnId,
+        job: String,
+        epoch: u64,
+        msg: RestartReply,
+    },
     /// A session ended.
     Closed {
         conn: ConnId,
@@ -71,6 +81,10 @@ pub(crate) enum Request {
     Checkpoint {
         req: Box<CheckpointRequest>,
         reply: Reply<Result<Outcome, CheckpointError>>,
+    },
+    Restart {
+        req: Box<RestartRequest>,
+        reply: Reply<Result<RestartOutcome, RestartError>>,
     },
     Nodes {
         reply: Reply<Vec<NodeInfo>>,
@@ -108,10 +122,21 @@ struct Job {
     running: Option<Running>,
 }
 
+/// A restart in flight and who waits for it.
+#[derive(Debug)]
+struct RunningRestart {
+    run: RestartRun,
+    reply: Option<Reply<Result<RestartOutcome, RestartError>>>,
+}
+
 struct Actor {
     sessions: HashMap<Arc<str>, Session>,
     conns: HashMap<ConnId, Arc<str>>,
     jobs: HashMap<String, Job>,
+    /// Restarts in flight, by job (a job runs an epoch or a restart, never
+    /// both).
+    restarts: HashMap<String, RunningRestart>,
+    restart_events: VecDeque<(String, RestartEvent)>,
     refusals: VecDeque<Refusal>,
     writer: Arc<dyn ManifestWriter>,
     /// For commit results; weak, so the task ends once its handles are gone.
@@ -133,6 +158,8 @@ pub(crate) async fn run(
         sessions: HashMap::new(),
         conns: HashMap::new(),
         jobs: HashMap::new(),
+        restarts: HashMap::new(),
+        restart_events: VecDeque::new(),
         refusals: VecDeque::new(),
         writer,
         inbox,
@@ -191,6 +218,12 @@ impl Actor {
                 epoch,
                 msg,
             } => self.agent(conn, job, epoch, msg),
+            Inbound::Restart {
+                conn,
+                job,
+                epoch,
+                msg,
+            } => self.restart_reply(conn, job, epoch, msg),
             Inbound::Closed { conn, reason } => {
                 if let Some(node) = self.conns.get(&conn).cloned() {
                     self.drop_session(&node, reason, false);
@@ -263,6 +296,14 @@ impl Actor {
                 any = true;
             }
         }
+        for (job, r) in &self.restarts {
+            if r.run.has_agent(node) {
+                let agent = node.to_owned();
+                self.restart_events
+                    .push_back((job.clone(), RestartEvent::Lost { agent }));
+                any = true;
+            }
+        }
         any
     }
 
@@ -271,6 +312,21 @@ impl Actor {
             // Queued by a connection dropped or replaced since.
             return;
         };
+        if let Some(r) = self.restarts.get(&job) {
+            if r.run.epoch() == epoch && r.run.has_agent(node) {
+                let agent = node.to_string();
+                let event = match msg {
+                    AgentMsg::Resumed { .. } => RestartEvent::Resumed { agent },
+                    AgentMsg::Failed { reason } => RestartEvent::Failed { agent, reason },
+                    other => {
+                        let reason = format!("sent {} during a restart", other.kind());
+                        RestartEvent::Failed { agent, reason }
+                    }
+                };
+                self.restart_events.push_back((job, event));
+                return;
+            }
+        }
         let id = self
             .jobs
             .get(&job)
@@ -290,6 +346,35 @@ impl Actor {
                 "reply for no running epoch of this node: dropped"
             ),
         }
+    }
+
+    fn restart_reply(&mut self, conn: ConnId, job: String, epoch: u64, msg: RestartReply) {
+        let Some(node) = self.conns.get(&conn) else {
+            return;
+        };
+        let ours = self
+            .restarts
+            .get(&job)
+            .is_some_and(|r| r.run.epoch() == epoch && r.run.has_agent(node));
+        if !ours {
+            tracing::debug!(node = %node, job, epoch, ?msg, "reply for no running restart: dropped");
+            return;
+        }
+        let agent = node.to_string();
+        let event = match msg {
+            RestartReply::Restored {
+                image_node,
+                verify_ms,
+                restore_ms,
+            } => RestartEvent::Restored {
+                agent,
+                image_node,
+                verify_ms,
+                restore_ms,
+            },
+            RestartReply::Aborted => RestartEvent::Aborted { agent },
+        };
+        self.restart_events.push_back((job, event));
     }
 
     fn commit_result(&mut self, job: String, epoch: u64, result: Result<(), String>) {
@@ -335,6 +420,13 @@ impl Actor {
                 }
                 self.pump();
             }
+            Request::Restart { req, reply } => {
+                if let Err((reply, e)) = self.start_restart(*req, reply) {
+                    tracing::warn!(error = %e, "restart refused");
+                    let _ = reply.send(Err(e));
+                }
+                self.pump();
+            }
             Request::Nodes { reply } => {
                 let mut nodes: Vec<NodeInfo> = self
                     .sessions
@@ -363,6 +455,11 @@ impl Actor {
                     let reason = "the coordinator is shutting down".to_owned();
                     self.events.push_back((job, Event::Cancel { reason }));
                 }
+                for job in self.restarts.keys() {
+                    let reason = "the coordinator is shutting down".to_owned();
+                    self.restart_events
+                        .push_back((job.clone(), RestartEvent::Cancel { reason }));
+                }
                 self.pump();
                 // Dropped without a reason: each session writes what is
                 // queued (the ABORTs) and then ends.
@@ -385,6 +482,16 @@ impl Actor {
             return Err((reply, CheckpointError::ShuttingDown));
         }
         let job_name = req.job.clone();
+        if let Some(r) = self.restarts.get(&req.job) {
+            let running = r.run.epoch();
+            return Err((
+                reply,
+                CheckpointError::Busy {
+                    job: job_name,
+                    running,
+                },
+            ));
+        }
         let mut roster = None;
         if let Some(j) = self.jobs.get(&req.job) {
             if let Some(run) = &j.running {
@@ -493,8 +600,120 @@ impl Actor {
 
     /// Feeds every queued event; acting may queue more.
     fn pump(&mut self) {
-        while let Some((job, event)) = self.events.pop_front() {
-            self.feed(&job, event);
+        loop {
+            if let Some((job, event)) = self.events.pop_front() {
+                self.feed(&job, event);
+            } else if let Some((job, event)) = self.restart_events.pop_front() {
+                self.feed_restart(&job, event);
+            } else {
+                break;
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn start_restart(
+        &mut self,
+        req: RestartRequest,
+        reply: Reply<Result<RestartOutcome, RestartError>>,
+    ) -> Result<(), (Reply<Result<RestartOutcome, RestartError>>, RestartError)> {
+        let job = req.job.clone();
+        if self.shutting_down {
+            return Err((reply, RestartError::ShuttingDown));
+        }
+        let running = self.restarts.get(&job).map(|r| r.run.epoch()).or_else(|| {
+            self.jobs
+                .get(&job)
+                .and_then(|j| j.running.as_ref())
+                .map(|run| run.epoch.number())
+        });
+        if let Some(running) = running {
+            return Err((reply, RestartError::Busy { job, running }));
+        }
+        let refused = |reason: String| RestartError::Refused {
+            job: job.clone(),
+            reason,
+        };
+        if req.placement.is_empty() {
+            return Err((reply, refused("the placement names no node".into())));
+        }
+        let mut agents: Vec<&str> = req.placement.values().map(String::as_str).collect();
+        agents.sort_unstable();
+        if let Some(w) = agents.windows(2).find(|w| w[0] == w[1]) {
+            let reason = format!("agent {} is given more than one node image", w[0]);
+            return Err((reply, refused(reason)));
+        }
+        let missing: Vec<String> = agents
+            .iter()
+            .filter(|a| !self.sessions.contains_key(**a))
+            .map(|a| (*a).to_owned())
+            .collect();
+        if !missing.is_empty() {
+            return Err((reply, RestartError::NotConnected { job, missing }));
+        }
+        tracing::info!(job, epoch = req.epoch, placement = ?req.placement, "restart begins");
+        let mut out = Vec::new();
+        let run = RestartRun::begin(req, Instant::now(), &mut out);
+        self.restarts.insert(
+            job.clone(),
+            RunningRestart {
+                run,
+                reply: Some(reply),
+            },
+        );
+        self.restart_act(&job, out);
+        Ok(())
+    }
+
+    fn feed_restart(&mut self, job: &str, event: RestartEvent) {
+        let Some(r) = self.restarts.get_mut(job) else {
+            return;
+        };
+        let mut out = Vec::new();
+        r.run.handle(Instant::now(), event, &mut out);
+        self.restart_act(job, out);
+    }
+
+    fn restart_act(&mut self, job: &str, out: Vec<RestartAction>) {
+        let mut stuck = Vec::new();
+        for action in out {
+            match action {
+                RestartAction::Send { agent, frame } => {
+                    let kind = frame.kind();
+                    match self.sessions.get(agent.as_str()) {
+                        Some(s) => match s.tx.try_send(wire::encode(&frame)) {
+                            Ok(()) => tracing::debug!(job, agent, kind, "restart: sent"),
+                            Err(TrySendError::Full(_)) => stuck.push(agent),
+                            Err(TrySendError::Closed(_)) => {}
+                        },
+                        None => {
+                            let event = RestartEvent::Lost { agent };
+                            self.restart_events.push_back((job.to_owned(), event));
+                        }
+                    }
+                }
+                RestartAction::Done(result) => {
+                    let Some(mut r) = self.restarts.remove(job) else {
+                        continue;
+                    };
+                    match &result {
+                        Ok(o) => tracing::info!(
+                            job,
+                            epoch = o.epoch,
+                            total_ms = o.total.as_secs_f64() * 1e3,
+                            "restart done: every tree resumed"
+                        ),
+                        Err(e) => tracing::warn!(job, error = %e, "restart failed"),
+                    }
+                    if let Some(reply) = r.reply.take() {
+                        let _ = reply.send(result);
+                    }
+                }
+            }
+        }
+        for node in stuck {
+            let why = "its outbound queue is full: the agent stopped reading".to_owned();
+            self.drop_session(&node, why, true);
         }
     }
 
@@ -588,11 +807,13 @@ impl Actor {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        self.jobs
+        let epochs = self
+            .jobs
             .values()
             .filter_map(|j| j.running.as_ref())
-            .filter_map(|run| run.epoch.next_deadline())
-            .min()
+            .filter_map(|run| run.epoch.next_deadline());
+        let restarts = self.restarts.values().map(|r| r.run.deadline());
+        epochs.chain(restarts).min()
     }
 
     fn tick(&mut self) {
@@ -610,6 +831,12 @@ impl Actor {
             .collect();
         for job in due {
             self.events.push_back((job, Event::Tick));
+        }
+        for (job, r) in &self.restarts {
+            if r.run.deadline() <= now {
+                self.restart_events
+                    .push_back((job.clone(), RestartEvent::Tick));
+            }
         }
         self.pump();
     }

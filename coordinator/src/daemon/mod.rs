@@ -56,17 +56,34 @@
 //! and feeding [`crate::epoch::Event::Tick`]. A manifest is committed by a
 //! [`ManifestWriter`] on tokio's blocking pool.
 //!
+//! With a [`StoreWriter`] the epochs go into the [`crate::store::ImageStore`]:
+//! [`Coordinator::checkpoint_job`] takes the number and directory from the
+//! store, and the manifest rename of [`crate::commit::PendingEpoch::commit`]
+//! is the commit point.
+//!
+//! # Restart
+//!
+//! [`Coordinator::restart`] places each node image of a committed epoch on
+//! a live agent (the same node or another) and drives [`restart`]'s state
+//! machine in the same actor: RESTORE_TREE to every target, RESUME only once
+//! every one is RESTORED (each holds its trees frozen meanwhile), ABORT to
+//! all (each kills what it restored) on any FAIL, timeout or lost agent. A
+//! job runs an epoch or a restart, never both at once.
+//!
 //! [`auth::handshake_server`]: ckpt_protocol::auth::handshake_server
 
 mod actor;
+mod restart;
 mod session;
 pub mod sim;
+mod store_writer;
 pub mod wire;
 mod writer;
 
 #[cfg(test)]
 mod tests;
 
+use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -79,9 +96,14 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::epoch::{Deadlines, EpochError, Outcome};
+use crate::store::StoreError;
 
 use actor::{Inbound, Request};
 
+pub use restart::{
+    RestartError, RestartOutcome, RestartPhase, RestartRequest, RestartTimeouts, RestartedNode,
+};
+pub use store_writer::{BegunEpoch, StoreWriter};
 pub use writer::{CommittedEpoch, ManifestWriter, MemoryWriter};
 
 /// How the coordinator serves agents.
@@ -253,6 +275,24 @@ fn named(missing: &[String], count: usize) -> String {
     s
 }
 
+/// Who owns a job and how it was started (recorded in every manifest).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobOwner {
+    pub uid: u32,
+    pub gid: u32,
+    pub command: Vec<String>,
+    pub cwd: String,
+}
+
+/// Why [`Coordinator::checkpoint_job`] produced no outcome.
+#[derive(Debug, thiserror::Error)]
+pub enum JobCheckpointError {
+    #[error("cannot checkpoint job {job}: {source}")]
+    Store { job: String, source: StoreError },
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+}
+
 /// A connection refused before it became a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
@@ -281,6 +321,20 @@ pub struct NodeInfo {
 pub struct Coordinator {
     inbox: mpsc::Sender<Inbound>,
     addr: SocketAddr,
+}
+
+/// Runs blocking work (the filesystem) on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => Err(StoreError::Io {
+            op: "run",
+            path: std::path::PathBuf::from("<blocking task>"),
+            source: io::Error::other(e.to_string()),
+        }),
+    }
 }
 
 /// Binds a listening TCP socket with a backlog fit for thousands of agents
@@ -349,6 +403,140 @@ impl Coordinator {
         })
         .await
         .unwrap_or(Err(CheckpointError::ShuttingDown))
+    }
+
+    /// Checkpoints `job` into the image store: the store creates the next
+    /// epoch's directory ([`StoreWriter::begin`]), the epoch runs with
+    /// that number and directory, the manifest is committed by `writer`
+    /// (which must be the writer this coordinator was started with), and
+    /// an epoch that does not commit is dropped from the store (its empty
+    /// directory stays as a tombstone).
+    pub async fn checkpoint_job(
+        &self,
+        writer: &Arc<StoreWriter>,
+        job: &str,
+        owner: &JobOwner,
+        mode: CheckpointMode,
+        nodes: Vec<String>,
+        deadlines: Deadlines,
+    ) -> Result<Outcome, JobCheckpointError> {
+        let mut req = CheckpointRequest::new(job, 0, mode, nodes, deadlines);
+        req.owner_uid = owner.uid;
+        req.owner_gid = owner.gid;
+        req.command = owner.command.clone();
+        req.cwd = owner.cwd.clone();
+        self.checkpoint_job_request(writer, req).await
+    }
+
+    /// [`Coordinator::checkpoint_job`] with every field of the request;
+    /// its `epoch` and `epoch_dir` are replaced by the store's.
+    pub async fn checkpoint_job_request(
+        &self,
+        writer: &Arc<StoreWriter>,
+        mut req: CheckpointRequest,
+    ) -> Result<Outcome, JobCheckpointError> {
+        let (w, job, uid, gid) = (
+            writer.clone(),
+            req.job.clone(),
+            req.owner_uid,
+            req.owner_gid,
+        );
+        let begun = blocking(move || w.begin(&job, uid, gid))
+            .await
+            .map_err(|source| JobCheckpointError::Store {
+                job: req.job.clone(),
+                source,
+            })?;
+        req.epoch = begun.epoch;
+        req.epoch_dir = begun.dir.display().to_string();
+        let (job, epoch) = (req.job.clone(), begun.epoch);
+        let result = self.run_epoch(req).await;
+        let committed = matches!(&result, Ok(o) if o.committed());
+        if !committed {
+            let w = writer.clone();
+            let (j, e) = (job.clone(), epoch);
+            if let Err(err) = blocking(move || w.abort(&j, e)).await {
+                tracing::warn!(job, epoch, error = %err, "cannot drop an aborted epoch from the store");
+            }
+        }
+        Ok(result?)
+    }
+
+    /// Runs a restart as asked (see [`Coordinator::restart`]).
+    pub async fn restart_epoch(&self, req: RestartRequest) -> Result<RestartOutcome, RestartError> {
+        self.ask(|reply| Request::Restart {
+            req: Box::new(req),
+            reply,
+        })
+        .await
+        .unwrap_or(Err(RestartError::ShuttingDown))
+    }
+
+    /// Restarts `job` from `epoch` (default: its newest committed epoch in
+    /// the store) with each node image restored by the agent `placement`
+    /// names (image node → agent node; the same nodes or others). Every
+    /// image of the epoch must be placed, each agent takes one. Each agent
+    /// verifies the manifest and its image itself and restores its trees
+    /// frozen; all are resumed only once every agent reported RESTORED. On
+    /// any failure, timeout or lost agent every agent is told to kill what
+    /// it restored.
+    pub async fn restart(
+        &self,
+        writer: &Arc<StoreWriter>,
+        job: &str,
+        epoch: Option<u64>,
+        placement: BTreeMap<String, String>,
+        timeouts: RestartTimeouts,
+    ) -> Result<RestartOutcome, RestartError> {
+        let refused = |reason: String| RestartError::Refused {
+            job: job.to_owned(),
+            reason,
+        };
+        let (w, j) = (writer.clone(), job.to_owned());
+        let loaded = blocking(move || {
+            let epoch = match epoch {
+                Some(e) => Some(e),
+                None => w.store().latest_committed(&j)?,
+            };
+            let Some(epoch) = epoch else {
+                return Ok(None);
+            };
+            let m = w.store().load_manifest(&j, epoch, Some(w.key()))?;
+            Ok(Some((m, w.store().epoch_dir(&j, epoch))))
+        })
+        .await
+        .map_err(|e| refused(e.to_string()))?;
+        let Some(loaded) = loaded else {
+            return Err(refused(format!(
+                "it has no committed epoch in {}",
+                writer.store().job_dir(job).display()
+            )));
+        };
+        let (manifest, dir) = loaded;
+        let images: Vec<&str> = manifest.nodes.iter().map(|n| n.node.as_str()).collect();
+        for image in &images {
+            if !placement.contains_key(*image) {
+                return Err(refused(format!(
+                    "the placement does not say which agent restores node {image}'s image of epoch {}",
+                    manifest.epoch
+                )));
+            }
+        }
+        if let Some(extra) = placement.keys().find(|k| !images.contains(&k.as_str())) {
+            return Err(refused(format!(
+                "epoch {} has no image of node {extra} (it has {})",
+                manifest.epoch,
+                images.join(", ")
+            )));
+        }
+        self.restart_epoch(RestartRequest {
+            job: job.to_owned(),
+            epoch: manifest.epoch,
+            epoch_dir: dir.display().to_string(),
+            placement,
+            timeouts,
+        })
+        .await
     }
 
     /// The nodes with a session now, sorted by name.

@@ -208,6 +208,17 @@ impl Session<'_> {
             };
             match wire::from_agent(frame, &self.node) {
                 FromAgent::Heartbeat => {}
+                FromAgent::Restart { job, epoch, msg } => {
+                    let event = Inbound::Restart {
+                        conn: self.conn,
+                        job,
+                        epoch,
+                        msg,
+                    };
+                    if self.inbox.send(event).await.is_err() {
+                        return Err("the coordinator stopped".into());
+                    }
+                }
                 FromAgent::Note { kind } => {
                     tracing::debug!(node = %self.node, kind, "agent note");
                 }

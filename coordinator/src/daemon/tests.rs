@@ -293,7 +293,14 @@ async fn a_wrong_key_agent_is_refused_logged_and_never_in_an_epoch() {
     let bad = SimConfig::new("intruder", Key::from_bytes([8; 32]));
     let err = SimAgent::connect(c.local_addr(), bad).await.unwrap_err();
     assert!(err.to_string().contains("refused"), "{err}");
-    let refusals = c.refusals().await;
+    // The agent learns of the refusal from the wire before the coordinator's
+    // session task has recorded it: wait for the record (bounded).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut refusals = c.refusals().await;
+    while refusals.is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        refusals = c.refusals().await;
+    }
     assert_eq!(refusals.len(), 1);
     assert!(
         refusals[0].reason.contains("intruder") && refusals[0].reason.contains("cluster key"),

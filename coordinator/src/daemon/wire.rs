@@ -121,10 +121,29 @@ pub enum FromAgent {
         epoch: u64,
         msg: AgentMsg,
     },
-    /// Informational (e.g. ABORTED): logged, nothing to decide.
+    /// A reply only a restart waits for (RESTORED, ABORTED).
+    Restart {
+        job: String,
+        epoch: u64,
+        msg: RestartReply,
+    },
+    /// Informational: logged, nothing to decide.
     Note { kind: &'static str },
     /// A frame an agent must not send: the session is closed.
     Violation(String),
+}
+
+/// What an agent says that only a restart waits for. (RESUMED and FAIL
+/// come as [`FromAgent::Epoch`]; the coordinator routes them to a running
+/// restart of the job first.)
+#[derive(Debug, Clone, PartialEq)]
+pub enum RestartReply {
+    Restored {
+        image_node: String,
+        verify_ms: f64,
+        restore_ms: f64,
+    },
+    Aborted,
 }
 
 /// A peer-supplied text, cut and cleaned of control characters (it goes
@@ -213,14 +232,28 @@ pub fn from_agent(frame: pb::Frame, peer: &str) -> FromAgent {
             },
         ),
         Body::Flushed(m) => (m.job, m.epoch, AgentMsg::Flushed),
-        Body::Aborted(_) => return FromAgent::Note { kind },
+        Body::Aborted(m) => {
+            return FromAgent::Restart {
+                job: m.job,
+                epoch: m.epoch,
+                msg: RestartReply::Aborted,
+            }
+        }
+        Body::Restored(m) => {
+            return FromAgent::Restart {
+                job: m.job,
+                epoch: m.epoch,
+                msg: RestartReply::Restored {
+                    image_node: clean(&m.image_node),
+                    verify_ms: finite_ms(m.verify_ms),
+                    restore_ms: finite_ms(m.restore_ms),
+                },
+            }
+        }
         Body::Reject(r) => {
             return FromAgent::Violation(format!("the agent hung up: {}", clean(&r.reason)))
         }
-        // Restart is not served by this coordinator yet; a RESTORED nobody
-        // asked for is as wrong as a coordinator's message.
-        Body::Restored(_)
-        | Body::Hello(_)
+        Body::Hello(_)
         | Body::Challenge(_)
         | Body::Proof(_)
         | Body::Welcome(_)
@@ -427,6 +460,28 @@ mod tests {
         assert!(matches!(
             from_agent(resumed, "n1"),
             FromAgent::Epoch { msg: AgentMsg::Resumed { downtime }, .. } if downtime.is_zero()
+        ));
+        let restored = pb::Frame::from(pb::Restored {
+            job: "j".into(),
+            epoch: 3,
+            image_node: "n2".into(),
+            verify_ms: f64::INFINITY,
+            restore_ms: 5.0,
+        });
+        assert!(matches!(
+            from_agent(restored, "n1"),
+            FromAgent::Restart {
+                epoch: 3,
+                msg: RestartReply::Restored { ref image_node, verify_ms, .. },
+                ..
+            } if image_node == "n2" && verify_ms == 0.0
+        ));
+        assert!(matches!(
+            from_agent(pb::Frame::from(pb::Aborted::default()), "n1"),
+            FromAgent::Restart {
+                msg: RestartReply::Aborted,
+                ..
+            }
         ));
         assert_eq!(clean("a\nb"), "a b");
         assert!(clean(&"é".repeat(2000)).len() <= MAX_REASON + 3);

@@ -26,6 +26,7 @@ use ckpt_protocol::manifest::FileDigest;
 use tokio::sync::mpsc;
 
 use super::ops::{self, ms};
+use super::restore::Held;
 use super::trees::{lock, Tree};
 use super::Shared;
 
@@ -43,7 +44,7 @@ pub(crate) enum Cmd {
 /// Where this node is in the job's current epoch while it holds the trees
 /// frozen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Held {
+enum Phase {
     /// Frozen and drained (READY sent).
     Ready,
     /// Dumped (DUMPED sent), still frozen.
@@ -54,9 +55,9 @@ enum Held {
 
 /// An epoch in which this node's trees are frozen.
 #[derive(Debug)]
-struct Frozen {
-    epoch: u64,
-    held: Held,
+pub(super) struct Frozen {
+    pub(super) epoch: u64,
+    held: Phase,
     dir: PathBuf,
     trees: Vec<Arc<Tree>>,
     frozen_at: Instant,
@@ -65,13 +66,15 @@ struct Frozen {
     files: Vec<FileDigest>,
 }
 
-struct JobTask {
-    shared: Arc<Shared>,
-    job: String,
-    frozen: Option<Frozen>,
+pub(super) struct JobTask {
+    pub(super) shared: Arc<Shared>,
+    pub(super) job: String,
+    pub(super) frozen: Option<Frozen>,
     /// The last epoch that is not frozen any more but may still be aborted
     /// (its files are dropped then): `(epoch, dir)`.
-    last: Option<(u64, PathBuf)>,
+    pub(super) last: Option<(u64, PathBuf)>,
+    /// This node's part of a restart (restore.rs).
+    pub(super) restore: Option<Held>,
 }
 
 /// Runs the job's task until its sender is dropped (then any frozen tree is
@@ -82,13 +85,26 @@ pub(crate) async fn run(shared: Arc<Shared>, job: String, mut rx: mpsc::Unbounde
         job,
         frozen: None,
         last: None,
+        restore: None,
     };
     loop {
-        let cmd = match t.frozen.as_ref().map(|f| f.deadline) {
+        let frozen = t.frozen.as_ref().map(|f| f.deadline);
+        let held = t.restore_deadline();
+        let deadline = match (frozen, held) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let cmd = match deadline {
             Some(deadline) => match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(c) => c,
                 Err(_) => {
-                    t.expired().await;
+                    let now = tokio::time::Instant::now();
+                    if frozen.is_some_and(|d| d <= now) {
+                        t.expired().await;
+                    }
+                    if held.is_some_and(|d| d <= now) {
+                        t.restore_expired().await;
+                    }
                     continue;
                 }
             },
@@ -96,9 +112,13 @@ pub(crate) async fn run(shared: Arc<Shared>, job: String, mut rx: mpsc::Unbounde
         };
         match cmd {
             Some(Cmd::Frame(body)) => t.on_frame(body).await,
-            Some(Cmd::Lost) => t.give_up("the coordinator was lost").await,
+            Some(Cmd::Lost) => {
+                t.give_up("the coordinator was lost").await;
+                t.restore_lost("the coordinator was lost").await;
+            }
             None => {
                 t.give_up("the agent is shutting down").await;
+                t.restore_lost("the agent is shutting down").await;
                 return;
             }
         }
@@ -106,18 +126,20 @@ pub(crate) async fn run(shared: Arc<Shared>, job: String, mut rx: mpsc::Unbounde
 }
 
 /// Runs blocking work on tokio's blocking pool.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+pub(super) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| format!("the agent's worker failed: {e}"))
 }
 
 impl JobTask {
-    fn send(&self, frame: impl Into<pb::Frame>) {
+    pub(super) fn send(&self, frame: impl Into<pb::Frame>) {
         self.shared.send(frame.into());
     }
 
-    fn fail(&self, epoch: u64, phase: pb::Phase, reason: String) {
+    pub(super) fn fail(&self, epoch: u64, phase: pb::Phase, reason: String) {
         tracing::warn!(node = %self.shared.cfg.node, job = %self.job, epoch, phase = ?phase, %reason, "epoch failed here");
         self.send(pb::Fail {
             job: self.job.clone(),
@@ -127,7 +149,7 @@ impl JobTask {
         });
     }
 
-    fn status(&self, epoch: u64, phase: pb::NodePhase) {
+    pub(super) fn status(&self, epoch: u64, phase: pb::NodePhase) {
         self.shared.set_status(&self.job, epoch, phase);
     }
 
@@ -137,7 +159,12 @@ impl JobTask {
             Body::Dump(d) => self.dump(d.epoch).await,
             Body::Commit(c) => self.commit(c.epoch, c.action).await,
             Body::EpochCommitted(c) => self.committed(c.epoch).await,
+            Body::Abort(a) if self.is_restart(a.epoch) => {
+                self.abort_restart(a.epoch, &a.reason).await
+            }
             Body::Abort(a) => self.abort(a.epoch, &a.reason).await,
+            Body::RestoreTree(r) => self.restore_tree(r).await,
+            Body::Resume(r) => self.resume(r.epoch).await,
             other => {
                 let kind = pb::Frame { body: Some(other) }.kind();
                 tracing::warn!(job = %self.job, kind, "ignoring a frame an agent does not take");
@@ -145,7 +172,7 @@ impl JobTask {
         }
     }
 
-    fn frozen_in(&self, epoch: u64, held: Held) -> bool {
+    fn frozen_in(&self, epoch: u64, held: Phase) -> bool {
         self.frozen
             .as_ref()
             .is_some_and(|f| f.epoch == epoch && f.held == held)
@@ -161,6 +188,15 @@ impl JobTask {
             self.give_up(&format!("PREPARE of epoch {epoch} replaced epoch {old}"))
                 .await;
         }
+        if let Some(h) = self.restore.as_ref().filter(|h| h.deadline.is_some()) {
+            let reason = format!(
+                "epoch {} of this job is restored here and waits for RESUME",
+                h.epoch
+            );
+            return self.fail(epoch, pb::Phase::Prepare, reason);
+        }
+        // A restart that resumed is over once the job is checkpointed again.
+        self.restore = None;
         let checked = (|| {
             p.checkpoint_mode("coordinator")
                 .map_err(|e| e.to_string())?;
@@ -196,7 +232,7 @@ impl JobTask {
                 tracing::info!(node = %self.shared.cfg.node, job = %self.job, epoch, freeze_ms = done.freeze_ms, "ready");
                 self.frozen = Some(Frozen {
                     epoch,
-                    held: Held::Ready,
+                    held: Phase::Ready,
                     dir,
                     trees,
                     frozen_at,
@@ -221,7 +257,7 @@ impl JobTask {
     }
 
     async fn dump(&mut self, epoch: u64) {
-        if !self.frozen_in(epoch, Held::Ready) {
+        if !self.frozen_in(epoch, Phase::Ready) {
             return self.fail(epoch, pb::Phase::Dump, self.not_in(epoch, "READY"));
         }
         let Some(f) = self.frozen.as_mut() else {
@@ -247,7 +283,7 @@ impl JobTask {
         });
         match r {
             Ok((d, image)) => {
-                f.held = Held::Dumped;
+                f.held = Phase::Dumped;
                 f.files = d.image.files.clone();
                 tracing::info!(node = %self.shared.cfg.node, job = %self.job, epoch, dump_ms = d.dump_ms, files = f.files.len(), "dumped");
                 self.status(epoch, pb::NodePhase::Dumped);
@@ -272,7 +308,7 @@ impl JobTask {
     }
 
     async fn commit(&mut self, epoch: u64, action: i32) {
-        if !self.frozen_in(epoch, Held::Dumped) {
+        if !self.frozen_in(epoch, Phase::Dumped) {
             return self.fail(epoch, pb::Phase::Commit, self.not_in(epoch, "DUMPED"));
         }
         let Some(f) = self.frozen.as_mut() else {
@@ -303,7 +339,7 @@ impl JobTask {
                 match self.flush(epoch, dir, files).await {
                     Ok(m) => {
                         if let Some(f) = self.frozen.as_mut() {
-                            f.held = Held::Flushed;
+                            f.held = Phase::Flushed;
                         }
                         self.send(m);
                     }
@@ -341,7 +377,7 @@ impl JobTask {
         if self.last.as_ref().is_some_and(|l| l.0 == epoch) {
             self.last = None; // committed: never drop its files
         }
-        if !self.frozen_in(epoch, Held::Flushed) {
+        if !self.frozen_in(epoch, Phase::Flushed) {
             return; // continue mode: nothing left to do
         }
         let Some(f) = self.frozen.take() else { return };
@@ -395,7 +431,7 @@ impl JobTask {
         let Some(f) = &self.frozen else { return };
         let (epoch, held) = (f.epoch, f.held);
         tracing::warn!(node = %self.shared.cfg.node, job = %self.job, epoch, ?held, why, "thawing the job's trees on our own");
-        self.drop_frozen(held != Held::Flushed).await;
+        self.drop_frozen(held != Phase::Flushed).await;
         self.status(epoch, pb::NodePhase::Idle);
     }
 
@@ -405,9 +441,9 @@ impl JobTask {
         self.give_up("frozen_max passed without COMMIT or ABORT")
             .await;
         let phase = match held {
-            Held::Ready => pb::Phase::Dump,
-            Held::Dumped => pb::Phase::Commit,
-            Held::Flushed => pb::Phase::Flush,
+            Phase::Ready => pb::Phase::Dump,
+            Phase::Dumped => pb::Phase::Commit,
+            Phase::Flushed => pb::Phase::Flush,
         };
         self.fail(
             epoch,

@@ -18,6 +18,7 @@
 
 mod epoch;
 mod ops;
+mod restore;
 mod trees;
 
 use std::collections::HashMap;
@@ -40,7 +41,7 @@ use crate::criu::Criu;
 use epoch::{Cmd, Status};
 use trees::{lock, Registry};
 
-pub use trees::{SpawnError, TreeArgs, TreeId, TreeInfo, TreeState};
+pub use trees::{RestoredFrom, SpawnError, TreeArgs, TreeId, TreeInfo, TreeState};
 
 use pb::frame::Body;
 
@@ -378,29 +379,14 @@ fn dispatch(
     match (body, job) {
         (Body::Heartbeat(_), _) => Ok(()),
         (Body::Reject(r), _) => Err(format!("rejected by the coordinator: {}", r.reason)),
-        (Body::RestoreTree(_) | Body::Resume(_), Some((job, epoch))) => {
-            let phase = if kind == "Resume" {
-                pb::Phase::Resume
-            } else {
-                pb::Phase::Restore
-            };
-            shared.send(
-                pb::Fail {
-                    job,
-                    epoch,
-                    phase: phase as i32,
-                    reason: "this agent does not restore yet".into(),
-                }
-                .into(),
-            );
-            Ok(())
-        }
         (
             body @ (Body::Prepare(_)
             | Body::Dump(_)
             | Body::Commit(_)
             | Body::EpochCommitted(_)
-            | Body::Abort(_)),
+            | Body::Abort(_)
+            | Body::RestoreTree(_)
+            | Body::Resume(_)),
             Some((job, _)),
         ) => {
             let tx = jobs.entry(job.clone()).or_insert_with(|| {

@@ -203,8 +203,9 @@ pub(crate) fn flush(dir: &Path, files: &[FileDigest]) -> Result<u64, String> {
     Ok(bytes)
 }
 
-/// Removes this node's files (and CRIU work dirs) from the epoch dir; the
-/// dir itself too if that leaves it empty.
+/// Removes this node's files (and CRIU work dirs) from the epoch dir. The
+/// dir itself stays: the image store keeps an aborted epoch's empty dir as
+/// a tombstone so that its number is never handed out again.
 pub(crate) fn remove_node_files(dir: &Path, node: &str) {
     let prefix = format!("{node}.t");
     let Ok(rd) = fs::read_dir(dir) else { return };
@@ -223,5 +224,4 @@ pub(crate) fn remove_node_files(dir: &Path, node: &str) {
             tracing::warn!(path = %path.display(), error = %err, "cannot remove an aborted epoch's file");
         }
     }
-    let _ = fs::remove_dir(dir);
 }

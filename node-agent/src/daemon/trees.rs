@@ -99,6 +99,16 @@ pub enum TreeState {
     Exited(i32),
 }
 
+/// Where a restored tree came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoredFrom {
+    pub epoch: u64,
+    /// The node whose image it is (may differ from this node).
+    pub image_node: String,
+    /// The tree's id in that image.
+    pub image_tree: u32,
+}
+
 /// A snapshot of one tree, for callers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TreeInfo {
@@ -106,6 +116,11 @@ pub struct TreeInfo {
     pub job: String,
     pub root_pid: i32,
     pub state: TreeState,
+    /// Where the tree's stdout and stderr go.
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+    /// Set for a tree this agent restored rather than started.
+    pub restored_from: Option<RestoredFrom>,
 }
 
 /// One tree the agent started.
@@ -118,6 +133,9 @@ pub(crate) struct Tree {
     /// Read ends of the stdio pipes (drained while the tree is frozen).
     outputs: Vec<Arc<File>>,
     state: Mutex<TreeState>,
+    stdout: PathBuf,
+    stderr: PathBuf,
+    restored_from: Option<RestoredFrom>,
 }
 
 impl Tree {
@@ -131,6 +149,9 @@ impl Tree {
             job: self.job.clone(),
             root_pid: self.handle.root_pid,
             state: self.state(),
+            stdout: self.stdout.clone(),
+            stderr: self.stderr.clone(),
+            restored_from: self.restored_from.clone(),
         }
     }
 
@@ -182,7 +203,11 @@ pub(crate) struct Registry {
     state_dir: PathBuf,
     trees: Mutex<BTreeMap<TreeId, Arc<Tree>>>,
     next: Mutex<TreeId>,
+    /// Distinguishes registries of one process in cgroup names.
+    instance: u64,
 }
+
+static INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Registry {
     pub fn new(node: &str, init_binary: PathBuf, state_dir: PathBuf) -> Self {
@@ -192,6 +217,7 @@ impl Registry {
             state_dir,
             trees: Mutex::new(BTreeMap::new()),
             next: Mutex::new(0),
+            instance: INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -208,8 +234,103 @@ impl Registry {
             .collect()
     }
 
+    /// Drops the job's trees that have exited (a restart replaces them).
+    pub fn forget_exited(&self, job: &str) {
+        lock(&self.trees).retain(|_, t| t.job != job || matches!(t.state(), TreeState::Running));
+    }
+
     pub fn all(&self) -> Vec<Arc<Tree>> {
         lock(&self.trees).values().cloned().collect()
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// A fresh tree id.
+    pub fn next_id(&self) -> TreeId {
+        let mut next = lock(&self.next);
+        *next += 1;
+        *next - 1
+    }
+
+    /// `agent.<node>.<instance>.<job>.t<id>-<our pid>`: unique even for
+    /// several agents in one process (tests), and freezer::sweep_stale
+    /// removes it once we are gone.
+    pub fn cgroup_name(&self, job: &str, id: TreeId) -> String {
+        format!(
+            "agent.{}.{}.{job}.t{id}-{}",
+            self.node,
+            self.instance,
+            std::process::id()
+        )
+    }
+
+    /// Takes a tree that was restored into `freezer` (root `pid`, our
+    /// child): pumps its output pipes into the files, reaps it when it ends.
+    pub fn adopt(&self, job: &str, r: Adopted) -> Arc<Tree> {
+        let (id, pid) = (r.id, r.root_pid);
+        let mut pumps = Vec::new();
+        let mut outputs = Vec::new();
+        for (read, file) in r.outputs {
+            let read = Arc::new(File::from(read));
+            pumps.push(pump(read.clone(), file));
+            outputs.push(read);
+        }
+        let tree = Arc::new(Tree {
+            id,
+            job: job.to_owned(),
+            handle: TreeHandle {
+                id,
+                root_pid: pid,
+                net: r.net,
+                init_binary: r.init_dir.as_ref().map(|d| d.join(restore::INIT_NAME)),
+                init_dir: r.init_dir,
+            },
+            freezer: r.freezer,
+            outputs,
+            state: Mutex::new(TreeState::Running),
+            stdout: r.stdout,
+            stderr: r.stderr,
+            restored_from: Some(r.from),
+        });
+        lock(&self.trees).insert(id, tree.clone());
+        tracing::info!(node = %self.node, job, tree = id, pid, "restored tree adopted");
+        reap(tree.clone(), pumps);
+        tree
+    }
+
+    /// Waits until no tree of ours uses `init_dir` any more (a tree killed
+    /// at a stop-mode commit is reaped, and its init dir removed, shortly
+    /// after); a tree that still runs there is an error at once.
+    pub fn wait_init_dir_free(&self, init_dir: &Path, limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let user = self.all().into_iter().find(|t| {
+                t.handle.init_dir.as_deref() == Some(init_dir) && t.state() == TreeState::Running
+            });
+            let Some(t) = user else { return Ok(()) };
+            let alive = Path::new(&format!("/proc/{}", t.handle.root_pid)).exists()
+                && !is_zombie(t.handle.root_pid);
+            if alive {
+                return Err(format!(
+                    "tree {} (pid {}) of job {} still runs from init dir {}",
+                    t.id,
+                    t.handle.root_pid,
+                    t.job,
+                    init_dir.display()
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "tree {} that used init dir {} was not cleaned up within {} ms",
+                    t.id,
+                    init_dir.display(),
+                    limit.as_millis()
+                ));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Starts `args` as a new tree of `job` (blocking: clone + exec).
@@ -221,11 +342,7 @@ impl Registry {
         {
             return Err(SpawnError::BadJobName(job.to_owned()));
         }
-        let id = {
-            let mut next = lock(&self.next);
-            *next += 1;
-            *next - 1
-        };
+        let id = self.next_id();
         let io_err = |op: &'static str, path: &Path| {
             let (job, path) = (job.to_owned(), path.to_path_buf());
             move |source| SpawnError::Io {
@@ -235,11 +352,11 @@ impl Registry {
                 source,
             }
         };
-        // `<name>-<our pid>`: freezer::sweep_stale removes it once we are gone.
-        let cg_name = format!("agent.{}.{job}.t{id}-{}", self.node, std::process::id());
-        let freezer = CgroupFreezer::create(&cg_name).map_err(|source| SpawnError::Freezer {
-            job: job.to_owned(),
-            source,
+        let freezer = CgroupFreezer::create(&self.cgroup_name(job, id)).map_err(|source| {
+            SpawnError::Freezer {
+                job: job.to_owned(),
+                source,
+            }
         })?;
         let init_dir = self.state_dir.join(format!("{job}.t{id}"));
         let init = restore::install_init(&init_dir, &self.init_binary).map_err(|source| {
@@ -302,6 +419,9 @@ impl Registry {
             freezer,
             outputs: vec![out_r, err_r],
             state: Mutex::new(TreeState::Running),
+            stdout: args.stdout.clone(),
+            stderr: args.stderr.clone(),
+            restored_from: None,
         });
         lock(&self.trees).insert(id, tree.clone());
         tracing::info!(node = %self.node, job, tree = id, pid, "tree started");
@@ -310,8 +430,25 @@ impl Registry {
     }
 }
 
-/// Waits for the tree's init, records how it ended, and removes its cgroup
-/// (once the namespace's other tasks are gone too).
+/// A restored tree for [`Registry::adopt`].
+#[derive(Debug)]
+pub(crate) struct Adopted {
+    pub id: TreeId,
+    pub root_pid: i32,
+    pub net: NetMode,
+    pub init_dir: Option<PathBuf>,
+    pub freezer: CgroupFreezer,
+    /// Read end of each stdio pipe and the file it is copied into.
+    pub outputs: Vec<(OwnedFd, File)>,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+    pub from: RestoredFrom,
+}
+
+/// Waits for the tree's init, removes its cgroup (once the namespace's
+/// other tasks are gone too) and its init dir, then records how it ended:
+/// a tree seen `Exited` has left nothing behind (a restore may reuse its
+/// init dir at once).
 fn reap(tree: Arc<Tree>, pumps: Vec<thread::JoinHandle<()>>) {
     thread::spawn(move || {
         let pid = Pid::from_raw(tree.handle.root_pid);
@@ -329,8 +466,6 @@ fn reap(tree: Arc<Tree>, pumps: Vec<thread::JoinHandle<()>>) {
         for p in pumps {
             let _ = p.join();
         }
-        *lock(&tree.state) = TreeState::Exited(code);
-        tracing::info!(job = %tree.job, tree = tree.id, code, "tree exited");
         for _ in 0..50 {
             if tree.freezer.remove().is_ok() {
                 break;
@@ -340,10 +475,12 @@ fn reap(tree: Arc<Tree>, pumps: Vec<thread::JoinHandle<()>>) {
         if let Some(dir) = &tree.handle.init_dir {
             let _ = fs::remove_dir_all(dir);
         }
+        *lock(&tree.state) = TreeState::Exited(code);
+        tracing::info!(job = %tree.job, tree = tree.id, code, "tree exited");
     });
 }
 
-fn pump(src: Arc<File>, mut dst: File) -> thread::JoinHandle<()> {
+pub(crate) fn pump(src: Arc<File>, mut dst: File) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -358,8 +495,19 @@ fn pump(src: Arc<File>, mut dst: File) -> thread::JoinHandle<()> {
     })
 }
 
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
+}
+
+/// Whether `pid` is a zombie (dead, not yet reaped).
+fn is_zombie(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "Z"))
+        })
+        .unwrap_or(true)
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -1,0 +1,83 @@
+//! `ckpt-agent --config FILE`: this node's agent (the work is in
+//! `ckpt_agent::daemon`). Connects to the coordinator and keeps
+//! reconnecting until SIGTERM or SIGINT; then it drops the connection,
+//! thaws anything frozen and exits 0 (job trees keep running). Logs go to
+//! stderr; the filter is `CKPT_LOG` (default `info`).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use ckpt_agent::config::{AgentFile, DEFAULT_PATH};
+use ckpt_agent::daemon::AgentDaemon;
+use ckpt_protocol::manifest::Key;
+use ckpt_protocol::report::error_chain;
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "ckpt node agent: checkpoints this node's part of a job"
+)]
+struct Args {
+    /// The agent's config (see configs/agent.toml).
+    #[arg(long, short, default_value = DEFAULT_PATH)]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CKPT_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ckpt-agent: {}", error_chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let file = AgentFile::from_file(&args.config)?;
+    let coordinator = file
+        .coordinator_addr()
+        .context("the config names no coordinator address")?;
+    let key = Key::load(&file.key_file).context("loading the cluster key")?;
+    let criu = file.criu().context("finding CRIU (key `criu`)")?;
+    let exe = std::env::current_exe().context("locating the ckpt-agent binary")?;
+    let init = file.init_binary(&exe);
+    let cfg = file.agent_config(coordinator, key, criu, init);
+    let node = cfg.node.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(async {
+        let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+        let daemon = AgentDaemon::start(cfg)?;
+        tracing::info!(
+            %node,
+            %coordinator,
+            config = %args.config.display(),
+            state_dir = %file.state_dir.display(),
+            "ckpt-agent started"
+        );
+        let why = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(%node, signal = why, "shutting down");
+        daemon.shutdown().await;
+        tracing::info!(%node, "ckpt-agent stopped");
+        Ok(())
+    })
+}
