@@ -180,6 +180,11 @@ fn handle(job: &Job, conn: UnixStream) -> Result<(), FrameError> {
                 Err(e) => reply_error(&mut w, e.kind, e.message),
             }
         }
+        Some(_) => reply_error(
+            &mut w,
+            pb::ErrorKind::BadRequest,
+            "a job's control socket takes checkpoint and status requests".into(),
+        ),
         None => reply_error(&mut w, pb::ErrorKind::BadRequest, "empty request".into()),
     }?;
     w.flush()?;

@@ -41,6 +41,8 @@ pub struct CoordinatorFile {
     pub heartbeat_misses: u32,
     /// Only these nodes may connect; absent: any key holder.
     pub expected_nodes: Option<Vec<String>>,
+    /// The local control socket (root only); absent: none.
+    pub control_socket: Option<PathBuf>,
     pub deadlines: DeadlinesFile,
 }
 
@@ -84,6 +86,7 @@ impl Default for CoordinatorFile {
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             heartbeat_misses: daemon.heartbeat_misses,
             expected_nodes: None,
+            control_socket: None,
             deadlines: DeadlinesFile::default(),
         }
     }

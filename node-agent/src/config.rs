@@ -45,6 +45,8 @@ pub struct AgentFile {
     pub reconnect_min: Duration,
     #[serde(deserialize_with = "duration")]
     pub reconnect_max: Duration,
+    /// The local control socket; default: `control.sock` in `state_dir`.
+    pub control_socket: Option<PathBuf>,
     /// `coordinator`, resolved when the file was parsed.
     #[serde(skip)]
     coordinator_addr: Option<SocketAddr>,
@@ -63,6 +65,7 @@ impl Default for AgentFile {
             heartbeat_misses: 3,
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
+            control_socket: None,
             coordinator_addr: None,
         }
     }
@@ -125,6 +128,13 @@ impl AgentFile {
     }
 
     /// Where the coordinator listens (resolved by [`AgentFile::parse`]).
+    /// Where the local control socket is.
+    pub fn control_socket_path(&self) -> PathBuf {
+        self.control_socket
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("control.sock"))
+    }
+
     pub fn coordinator_addr(&self) -> Option<SocketAddr> {
         self.coordinator_addr
     }

@@ -722,7 +722,8 @@ fn garbage_on_the_control_socket() {
         ),
         (
             "unknown operation",
-            [&4u32.to_be_bytes()[..], &[0x08, 0x01, 0x60, 0x01]].concat(),
+            // field 1000 (no such op), varint 1
+            [&5u32.to_be_bytes()[..], &[0x08, 0x01, 0xc0, 0x3e, 0x01]].concat(),
             vec!["empty request"],
         ),
         (

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use ckpt_coordinator::config::{CoordinatorFile, DEFAULT_PATH};
-use ckpt_coordinator::daemon::{bind, Coordinator, StoreWriter};
+use ckpt_coordinator::daemon::{bind, Coordinator, RestartTimeouts, StoreWriter};
 use ckpt_coordinator::store::ImageStore;
 use ckpt_protocol::manifest::Key;
 use ckpt_protocol::report::error_chain;
@@ -68,17 +68,34 @@ fn run(args: Args) -> Result<()> {
                 args.config.display()
             )
         })?;
-        let coord = Coordinator::start(
-            listener,
+        let writer = Arc::new(StoreWriter::new(
+            ImageStore::new(&cfg.ckpt_dir),
             key.clone(),
-            cfg.daemon_config(),
-            Arc::new(StoreWriter::new(ImageStore::new(&cfg.ckpt_dir), key)),
-        )?;
+        ));
+        let coord = Coordinator::start(listener, key, cfg.daemon_config(), writer.clone())?;
+        let control = match &cfg.control_socket {
+            Some(path) => Some(
+                coord
+                    .serve_control(path, writer, cfg.deadlines(), RestartTimeouts::default())
+                    .with_context(|| {
+                        format!(
+                            "serving the control socket {} (key `control_socket` of {})",
+                            path.display(),
+                            args.config.display()
+                        )
+                    })?,
+            ),
+            None => None,
+        };
         tracing::info!(
             listen = %coord.local_addr(),
             config = %args.config.display(),
             ckpt_dir = %cfg.ckpt_dir.display(),
             expected_nodes = cfg.expected_nodes.as_ref().map_or(0, Vec::len),
+            control_socket = cfg
+                .control_socket
+                .as_ref()
+                .map_or_else(|| "none".to_owned(), |p| p.display().to_string()),
             "ckpt-coordinator started"
         );
         let why = tokio::select! {
@@ -86,6 +103,9 @@ fn run(args: Args) -> Result<()> {
             _ = int.recv() => "SIGINT",
         };
         tracing::info!(signal = why, "shutting down");
+        if let Some(c) = control {
+            c.shutdown();
+        }
         coord.shutdown().await;
         tracing::info!("ckpt-coordinator stopped");
         Ok(())

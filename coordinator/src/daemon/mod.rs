@@ -73,6 +73,7 @@
 //! [`auth::handshake_server`]: ckpt_protocol::auth::handshake_server
 
 mod actor;
+mod control;
 mod restart;
 mod session;
 pub mod sim;
@@ -100,6 +101,7 @@ use crate::store::StoreError;
 
 use actor::{Inbound, Request};
 
+pub use control::ControlServer;
 pub use restart::{
     RestartError, RestartOutcome, RestartPhase, RestartRequest, RestartTimeouts, RestartedNode,
 };

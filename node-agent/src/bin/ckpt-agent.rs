@@ -64,11 +64,19 @@ fn run(args: Args) -> Result<()> {
         let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
         let daemon = AgentDaemon::start(cfg)?;
+        let control_path = file.control_socket_path();
+        let control = daemon.serve_control(&control_path).with_context(|| {
+            format!(
+                "serving the control socket {} (key `control_socket`)",
+                control_path.display()
+            )
+        })?;
         tracing::info!(
             %node,
             %coordinator,
             config = %args.config.display(),
             state_dir = %file.state_dir.display(),
+            control_socket = %control_path.display(),
             "ckpt-agent started"
         );
         let why = tokio::select! {
@@ -76,6 +84,7 @@ fn run(args: Args) -> Result<()> {
             _ = int.recv() => "SIGINT",
         };
         tracing::info!(%node, signal = why, "shutting down");
+        control.shutdown();
         daemon.shutdown().await;
         tracing::info!(%node, "ckpt-agent stopped");
         Ok(())

@@ -16,6 +16,7 @@
 //! `frozen_max` of the PREPARE has passed. The agent then reconnects with
 //! exponential backoff; the coordinator aborts the epoch it lost us in.
 
+mod control;
 mod epoch;
 mod ops;
 mod restore;
@@ -41,6 +42,7 @@ use crate::criu::Criu;
 use epoch::{Cmd, Status};
 use trees::{lock, Registry};
 
+pub use control::ControlServer;
 pub use trees::{RestoredFrom, SpawnError, TreeArgs, TreeId, TreeInfo, TreeState};
 
 use pb::frame::Body;
