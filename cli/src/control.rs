@@ -4,15 +4,10 @@
 //! may do: root and the job's owner may query and checkpoint it, nobody
 //! else. Every message is a framed prost message (see ckpt_protocol).
 
-use std::fs;
 use std::io::{BufReader, BufWriter, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -32,79 +27,18 @@ pub fn is_live(sock: &Path) -> bool {
     UnixStream::connect(sock).is_ok()
 }
 
-#[derive(Debug)]
-pub struct Server {
-    path: PathBuf,
-    stop: Arc<AtomicBool>,
-    /// The listening socket, kept to shut it down: that wakes a blocked
-    /// accept() even if the socket's path was removed meanwhile.
-    listener: Arc<UnixListener>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Server {
-    /// Stops accepting and removes the socket.
-    pub fn shutdown(mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ =
-            nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = fs::remove_file(&self.path);
-    }
-}
+/// The job's control socket server; `shutdown()` stops it and removes the
+/// socket.
+pub type Server = ckpt_protocol::local_control::UnixServer;
 
 pub fn serve(job: Arc<Job>) -> Result<Server> {
     let path = job.socket_path();
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(dir)
-        .with_context(|| format!("creating {}", dir.display()))?;
-    if path.exists() {
-        if is_live(&path) {
-            anyhow::bail!("{} is in use by another ckpt-job", path.display());
+    Server::serve(&path, move |conn| {
+        if let Err(e) = handle(&job, conn) {
+            tracing::debug!(job = %job.spec.name, error = %e, "control connection ended");
         }
-        fs::remove_file(&path)
-            .with_context(|| format!("removing stale socket {}", path.display()))?;
-    }
-    let listener =
-        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
-    // Access control is by peer credentials, not file mode: users must be
-    // able to connect to be told whether they may act.
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o666))
-        .with_context(|| format!("chmod {}", path.display()))?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let listener = Arc::new(listener);
-    let accepting = listener.clone();
-    let thread = thread::spawn(move || {
-        for conn in accepting.incoming() {
-            if stop2.load(Ordering::SeqCst) {
-                return;
-            }
-            let Ok(conn) = conn else {
-                // EINVAL after shutdown; anything else: keep serving, but
-                // do not spin on a persistent error.
-                thread::sleep(Duration::from_millis(10));
-                continue;
-            };
-            let job = job.clone();
-            thread::spawn(move || {
-                if let Err(e) = handle(&job, conn) {
-                    tracing::debug!(job = %job.spec.name, error = %e, "control connection ended");
-                }
-            });
-        }
-    });
-    Ok(Server {
-        path,
-        stop,
-        listener,
-        thread: Some(thread),
     })
+    .with_context(|| format!("serving the job's control socket {}", path.display()))
 }
 
 fn handle(job: &Job, conn: UnixStream) -> Result<(), FrameError> {

@@ -94,3 +94,69 @@ pub fn bind_socket(path: &Path) -> std::io::Result<std::os::unix::net::UnixListe
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
     Ok(l)
 }
+
+/// A control socket served by threads: one thread accepts, one per
+/// connection runs `handle`. [`UnixServer::shutdown`] stops it (by shutting
+/// the listening socket down, which wakes a blocked accept even if the
+/// socket's path is already gone) and removes the socket.
+#[derive(Debug)]
+pub struct UnixServer {
+    path: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    listener: std::sync::Arc<std::os::unix::net::UnixListener>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UnixServer {
+    /// Binds `path` (see [`bind_socket`]) and serves it.
+    pub fn serve<H>(path: &Path, handle: H) -> std::io::Result<Self>
+    where
+        H: Fn(UnixStream) + Send + Sync + 'static,
+    {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let listener = Arc::new(bind_socket(path)?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (stop2, accepting, handle) = (stop.clone(), listener.clone(), Arc::new(handle));
+        let thread = std::thread::spawn(move || {
+            for conn in accepting.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else {
+                    // EINVAL after shutdown; anything else: keep serving,
+                    // but do not spin on a persistent error.
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let handle = handle.clone();
+                std::thread::spawn(move || handle(conn));
+            }
+        });
+        Ok(Self {
+            path: path.to_path_buf(),
+            stop,
+            listener,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stops accepting and removes the socket.
+    pub fn shutdown(mut self) {
+        use std::os::fd::AsRawFd;
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: shutdown(2) on a descriptor we own; it only changes the
+        // socket's state.
+        unsafe {
+            libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

@@ -9,17 +9,14 @@
 
 use std::ffi::OsString;
 use std::io::{BufReader, BufWriter};
-use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStringExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ckpt_protocol::framing::{read_frame, write_frame, FrameError};
-use ckpt_protocol::local_control::{bind_socket, error_reply, MAX_REQUEST};
+use ckpt_protocol::local_control::{error_reply, MAX_REQUEST};
 use ckpt_protocol::pb;
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
@@ -30,58 +27,16 @@ use super::trees::TreeArgs;
 
 /// A running control socket; [`ControlServer::shutdown`] stops it and
 /// removes the socket.
-#[derive(Debug)]
-pub struct ControlServer {
-    path: PathBuf,
-    stop: Arc<AtomicBool>,
-    listener: Arc<UnixListener>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl ControlServer {
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn shutdown(mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ =
-            nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
+pub type ControlServer = ckpt_protocol::local_control::UnixServer;
 
 impl AgentDaemon {
     /// Serves the local control socket at `path` (threads; no runtime).
     pub fn serve_control(&self, path: &Path) -> std::io::Result<ControlServer> {
-        let listener = Arc::new(bind_socket(path)?);
-        let stop = Arc::new(AtomicBool::new(false));
-        let (stop2, accepting, shared) = (stop.clone(), listener.clone(), self.shared.clone());
-        let thread = thread::spawn(move || {
-            for conn in accepting.incoming() {
-                if stop2.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(conn) = conn else {
-                    thread::sleep(Duration::from_millis(10));
-                    continue;
-                };
-                let shared = shared.clone();
-                thread::spawn(move || {
-                    if let Err(e) = handle(&shared, conn) {
-                        tracing::debug!(node = %shared.cfg.node, error = %e, "control connection ended");
-                    }
-                });
+        let shared = self.shared.clone();
+        ControlServer::serve(path, move |conn| {
+            if let Err(e) = handle(&shared, conn) {
+                tracing::debug!(node = %shared.cfg.node, error = %e, "control connection ended");
             }
-        });
-        Ok(ControlServer {
-            path: path.to_path_buf(),
-            stop,
-            listener,
-            thread: Some(thread),
         })
     }
 }
