@@ -4,6 +4,11 @@
  *   tcp_pair server <ip> <port> <steps>   bind ip:port, accept one client
  *   tcp_pair client <ip> <port> <steps>   connect to ip:port (retrying for
  *                                         up to 30 s while it is refused)
+ *   tcp_pair server <ip> <port> <steps> again
+ *                                         as server, but keep listening and,
+ *                                         after RESULT, echo 4 bytes to one
+ *                                         more client (a new connection
+ *                                         after a restart elsewhere)
  *
  * Both directions stream deterministic data with a lag of LAG chunks and
  * both sides sleep every step, so bytes are in flight both ways whenever a
@@ -70,8 +75,9 @@ static void usage(const char *argv0)
 
 int main(int argc, char **argv)
 {
-	if (argc != 5)
+	if (argc != 5 && !(argc == 6 && strcmp(argv[5], "again") == 0))
 		usage(argv[0]);
+	int again = argc == 6;
 	int server = strcmp(argv[1], "server") == 0;
 	if (!server && strcmp(argv[1], "client") != 0)
 		usage(argv[0]);
@@ -87,7 +93,7 @@ int main(int argc, char **argv)
 		usage(argv[0]);
 	sa.sin_port = htons((uint16_t)port);
 	const uint64_t CSEED = 0xc11e27, SSEED = 0x5e27e2;
-	int one = 1, fd;
+	int one = 1, fd, listener = -1;
 
 	if (server) {
 		int ls = socket(AF_INET, SOCK_STREAM, 0);
@@ -106,7 +112,10 @@ int main(int argc, char **argv)
 		while (fd < 0 && errno == EINTR);
 		if (fd < 0)
 			FAIL_ERRNO("accept");
-		close(ls);
+		if (!again)
+			close(ls);
+		else
+			listener = ls;
 	} else {
 		for (int tries = 0;; tries++) {
 			fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -139,5 +148,18 @@ int main(int argc, char **argv)
 		fail("unexpected extra data");
 	close(fd);
 	result_line();
+	if (listener >= 0) {
+		char buf[4];
+		do
+			fd = accept(listener, NULL, NULL);
+		while (fd < 0 && errno == EINTR);
+		if (fd < 0)
+			FAIL_ERRNO("accept again");
+		readall(fd, buf, sizeof buf, "again recv");
+		writeall(fd, buf, sizeof buf, "again send");
+		close(fd);
+		if (printf("again done\n") < 0 || fflush(stdout) != 0)
+			FAIL_ERRNO("write stdout");
+	}
 	return 0;
 }

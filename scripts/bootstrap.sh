@@ -31,6 +31,8 @@ APT_PKGS=(
   openmpi-bin libopenmpi-dev mpich libmpich-dev libclang-dev clang
   # Slurm on one machine
   munge slurmctld slurmd slurm-client
+  # agents started over SSH from a hostfile (ssh2 crate: libssh2 + OpenSSL)
+  openssh-server openssh-client libssl-dev
 )
 
 need_pkgs=()

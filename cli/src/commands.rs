@@ -204,10 +204,14 @@ fn phase_name(p: i32) -> &'static str {
 /// `ckpt-job list`.
 pub fn list(cfg: &Config, ckpt_dir: Option<&Path>, json_out: bool) -> Result<i32> {
     let running = running_jobs(cfg);
+    let cluster: Vec<pb::ClusterJob> = cluster_jobs(cfg)
+        .into_iter()
+        .filter(|c| !running.iter().any(|r| r.name == c.job))
+        .collect();
     let store = ImageStore::new(ckpt_dir.unwrap_or(&cfg.ckpt_dir));
     let mut stored = Vec::new();
     for job in store.jobs().unwrap_or_default() {
-        if running.iter().any(|r| r.name == job) {
+        if running.iter().any(|r| r.name == job) || cluster.iter().any(|c| c.job == job) {
             continue;
         }
         let latest = store.latest_committed(&job).ok().flatten();
@@ -218,6 +222,7 @@ pub fn list(cfg: &Config, ckpt_dir: Option<&Path>, json_out: bool) -> Result<i32
             .iter()
             .map(|s| json!({"name": s.name, "state": phase_name(s.phase), "owner_uid": s.owner_uid, "pid": s.root_pid, "last_epoch": s.last_epoch, "ckpt_dir": s.ckpt_dir}))
             .collect();
+        v.extend(cluster.iter().map(cluster_job_json));
         v.extend(stored.iter().map(|(n, l)| json!({"name": n, "state": "checkpointed", "last_epoch": l, "ckpt_dir": store.root()})));
         println!("{}", serde_json::Value::Array(v));
         return Ok(0);
@@ -235,6 +240,18 @@ pub fn list(cfg: &Config, ckpt_dir: Option<&Path>, json_out: bool) -> Result<i32
             s.root_pid,
             epoch_str(s.last_epoch),
             s.ckpt_dir
+        );
+    }
+    for c in &cluster {
+        let nodes: Vec<&str> = c.nodes.iter().map(|n| n.node.as_str()).collect();
+        println!(
+            "{:<24} {:<14} {:>6} {:>8} {:>6}  nodes: {}",
+            c.job,
+            format!("cluster {}", c.phase),
+            c.owner_uid,
+            "-",
+            epoch_str(c.last_epoch),
+            nodes.join(",")
         );
     }
     for (n, l) in &stored {
@@ -306,6 +323,9 @@ pub fn status(cfg: &Config, ckpt_dir: Option<&Path>, name: &str, json_out: bool)
             println!("ckpt dir:     {}", s.ckpt_dir);
         }
         return Ok(0);
+    }
+    if let Some(code) = cluster_status(cfg, name, json_out)? {
+        return Ok(code);
     }
     let store = ImageStore::new(ckpt_dir.unwrap_or(&cfg.ckpt_dir));
     let epochs = store.epochs(name).unwrap_or_default();
@@ -489,5 +509,360 @@ pub fn human_bytes(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.1} {}", U[i])
+    }
+}
+
+// ------------------------------------------------------------ cluster jobs
+
+/// Longest wait for the coordinator's answer (an epoch or a restart).
+const CLUSTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Calls the coordinator's control socket (`coordinator_socket`).
+fn cluster_call(sock: &Path, op: pb::request::Op) -> Result<pb::response::Body, ClusterError> {
+    use ckpt_protocol::local_control::{call, CallError as C};
+    match call(sock, op, CLUSTER_TIMEOUT) {
+        Ok(b) => Ok(b),
+        Err(C::Remote(e)) => Err(ClusterError::Refused(e)),
+        Err(e @ C::Connect(..)) => Err(ClusterError::Unreachable(e.to_string())),
+        Err(e) => Err(ClusterError::Other(e.to_string())),
+    }
+}
+
+#[derive(Debug)]
+enum ClusterError {
+    Unreachable(String),
+    Refused(pb::Error),
+    Other(String),
+}
+
+impl ClusterError {
+    fn into_anyhow(self, sock: &Path) -> anyhow::Error {
+        match self {
+            ClusterError::Unreachable(e) | ClusterError::Other(e) => {
+                anyhow!("{e} (the coordinator, key `coordinator_socket` of the config)")
+            }
+            ClusterError::Refused(e) => anyhow!("coordinator {}: {}", sock.display(), e.message),
+        }
+    }
+
+    /// The coordinator does not know the job (as opposed to any other refusal).
+    fn is_unknown_job(&self) -> bool {
+        matches!(self, ClusterError::Refused(e) if e.message.contains("knows no job named"))
+    }
+}
+
+/// Whether `name` runs under a local `ckpt-job run` on this node.
+pub fn is_local(cfg: &Config, name: &str) -> bool {
+    let sock = cfg.socket_path(name);
+    sock.exists() && control::is_live(&sock)
+}
+
+/// Whether the coordinator (if configured) knows `name` (or refuses to
+/// tell this user about it: it exists).
+pub fn is_cluster_job(cfg: &Config, name: &str) -> bool {
+    let Some(sock) = &cfg.coordinator_socket else {
+        return false;
+    };
+    let op = pb::request::Op::ClusterStatus(pb::ClusterStatusRequest { job: name.into() });
+    match cluster_call(sock, op) {
+        Ok(_) => true,
+        Err(e @ ClusterError::Refused(_)) => !e.is_unknown_job(),
+        Err(_) => false,
+    }
+}
+
+/// `ckpt-job checkpoint` of a job that does not run locally: through the
+/// coordinator if one is configured.
+pub fn checkpoint_any(cfg: &Config, name: &str, stop: bool, json_out: bool) -> Result<i32> {
+    match &cfg.coordinator_socket {
+        Some(sock) if !is_local(cfg, name) => cluster_checkpoint(cfg, sock, name, stop, json_out),
+        _ => checkpoint(cfg, name, stop, json_out),
+    }
+}
+
+fn cluster_refusal(cfg: &Config, sock: &Path, name: &str, e: ClusterError) -> anyhow::Error {
+    if e.is_unknown_job() {
+        no_such_job(cfg, name).context(format!(
+            "and the coordinator ({}) knows no cluster job of that name",
+            sock.display()
+        ))
+    } else {
+        e.into_anyhow(sock)
+    }
+}
+
+fn cluster_checkpoint(
+    cfg: &Config,
+    sock: &Path,
+    name: &str,
+    stop: bool,
+    json_out: bool,
+) -> Result<i32> {
+    let op = pb::request::Op::ClusterCheckpoint(pb::ClusterCheckpointRequest {
+        job: name.into(),
+        nodes: Vec::new(),
+        stop,
+    });
+    let done = match cluster_call(sock, op).map_err(|e| cluster_refusal(cfg, sock, name, e))? {
+        pb::response::Body::ClusterCheckpoint(d) => d,
+        other => bail!("unexpected reply from the coordinator: {other:?}"),
+    };
+    if json_out {
+        println!(
+            "{}",
+            json!({"job": name, "epoch": done.epoch, "path": done.path, "downtime_seconds": done.downtime_seconds,
+                   "total_seconds": done.total_seconds, "stopped": done.stopped, "after_commit": done.after_commit})
+        );
+    } else {
+        println!(
+            "{name}: epoch {} committed (downtime {:.0} ms, total {:.2} s){} -> {}",
+            done.epoch,
+            done.downtime_seconds * 1000.0,
+            done.total_seconds,
+            if done.stopped { ", job stopped" } else { "" },
+            done.path
+        );
+        for p in &done.after_commit {
+            println!("  after the commit: {p}");
+        }
+    }
+    Ok(0)
+}
+
+/// `ckpt-job checkpoint --interval D [--keep K] NAME`: periodic checkpoints
+/// of a cluster job by the coordinator (an interval of 0 stops them).
+pub fn cluster_schedule(
+    cfg: &Config,
+    name: &str,
+    interval: std::time::Duration,
+    keep: Option<usize>,
+    json_out: bool,
+) -> Result<i32> {
+    let Some(sock) = &cfg.coordinator_socket else {
+        bail!(
+            "--interval of `checkpoint` schedules a cluster job's checkpoints, and the config has \
+             no `coordinator_socket` (a local job takes --interval at `ckpt-job run`)"
+        );
+    };
+    if is_local(cfg, name) {
+        bail!("job {name} runs locally under `ckpt-job run`: give it --interval there");
+    }
+    let keep = u32::try_from(keep.unwrap_or(cfg.keep)).context("--keep is too large")?;
+    let op = pb::request::Op::ClusterSchedule(pb::ClusterScheduleRequest {
+        job: name.into(),
+        interval_seconds: interval.as_secs(),
+        keep,
+    });
+    let done = match cluster_call(sock, op).map_err(|e| e.into_anyhow(sock))? {
+        pb::response::Body::ClusterSchedule(d) => d,
+        other => bail!("unexpected reply from the coordinator: {other:?}"),
+    };
+    if json_out {
+        println!(
+            "{}",
+            json!({"job": done.job, "interval_seconds": done.interval_seconds, "keep": done.keep})
+        );
+    } else if done.interval_seconds == 0 {
+        println!("{name}: periodic checkpoints off");
+    } else {
+        println!(
+            "{name}: checkpointed every {}, keeping {} committed epochs",
+            humantime::format_duration(std::time::Duration::from_secs(done.interval_seconds)),
+            done.keep
+        );
+    }
+    Ok(0)
+}
+
+fn cluster_job_json(j: &pb::ClusterJob) -> serde_json::Value {
+    let nodes: Vec<_> = j
+        .nodes
+        .iter()
+        .map(|n| {
+            json!({"node": n.node, "connected": n.connected, "trees": n.trees, "phase": n.phase,
+                   "bytes_done": n.bytes_done, "bytes_total": n.bytes_total})
+        })
+        .collect();
+    json!({"name": j.job, "cluster": true, "state": j.phase, "owner_uid": j.owner_uid, "owner_gid": j.owner_gid,
+           "nodes": nodes, "last_epoch": j.last_epoch, "running_epoch": j.running_epoch,
+           "interval_seconds": j.interval_seconds, "keep": j.keep,
+           "checkpoints_committed": j.checkpoints_committed, "checkpoints_failed": j.checkpoints_failed,
+           "last_error": j.last_error})
+}
+
+/// `ckpt-job status NAME` of a cluster job; `Ok(None)` if the coordinator
+/// is not configured or does not know the job.
+pub fn cluster_status(cfg: &Config, name: &str, json_out: bool) -> Result<Option<i32>> {
+    let Some(sock) = &cfg.coordinator_socket else {
+        return Ok(None);
+    };
+    let op = pb::request::Op::ClusterStatus(pb::ClusterStatusRequest { job: name.into() });
+    let j = match cluster_call(sock, op) {
+        Ok(pb::response::Body::ClusterJob(j)) => j,
+        Ok(other) => bail!("unexpected reply from the coordinator: {other:?}"),
+        Err(e) if e.is_unknown_job() => return Ok(None),
+        Err(ClusterError::Unreachable(e)) => {
+            tracing::warn!(error = %e, "the coordinator is unreachable");
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into_anyhow(sock)),
+    };
+    if json_out {
+        println!("{}", cluster_job_json(&j));
+        return Ok(Some(0));
+    }
+    println!("job:          {} (cluster, {})", j.job, j.phase);
+    println!("owner uid:    {}", j.owner_uid);
+    println!(
+        "checkpoints:  {} committed, {} failed; last epoch {}",
+        j.checkpoints_committed,
+        j.checkpoints_failed,
+        epoch_str(j.last_epoch)
+    );
+    if j.running_epoch > 0 {
+        println!("in flight:    epoch {}", j.running_epoch);
+    }
+    if j.interval_seconds > 0 {
+        println!(
+            "interval:     every {}, keep {}",
+            humantime::format_duration(std::time::Duration::from_secs(j.interval_seconds)),
+            j.keep
+        );
+    }
+    if !j.last_error.is_empty() {
+        println!("last error:   {}", j.last_error);
+    }
+    println!(
+        "{:<16} {:<10} {:<12} {:>8}  PROGRESS",
+        "NODE", "AGENT", "PHASE", "TREES"
+    );
+    for n in &j.nodes {
+        let progress = if n.bytes_total > 0 {
+            format!(
+                "{} / {} ({:.0}%)",
+                human_bytes(n.bytes_done),
+                human_bytes(n.bytes_total),
+                n.bytes_done as f64 * 100.0 / n.bytes_total as f64
+            )
+        } else if n.bytes_done > 0 {
+            human_bytes(n.bytes_done)
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:<16} {:<10} {:<12} {:>8}  {}",
+            n.node,
+            if n.connected { "connected" } else { "down" },
+            n.phase,
+            n.trees.len(),
+            progress
+        );
+    }
+    Ok(Some(0))
+}
+
+/// The coordinator's jobs this user may see (empty without a coordinator
+/// or when it is unreachable, with a warning).
+fn cluster_jobs(cfg: &Config) -> Vec<pb::ClusterJob> {
+    let Some(sock) = &cfg.coordinator_socket else {
+        return Vec::new();
+    };
+    match cluster_call(
+        sock,
+        pb::request::Op::ClusterList(pb::ClusterListRequest {}),
+    ) {
+        Ok(pb::response::Body::ClusterJobs(l)) => l.jobs,
+        Ok(other) => {
+            eprintln!("ckpt-job: warning: unexpected reply from the coordinator: {other:?}");
+            Vec::new()
+        }
+        Err(e) => {
+            eprintln!(
+                "ckpt-job: warning: cluster jobs not listed: {}",
+                e.into_anyhow(sock)
+            );
+            Vec::new()
+        }
+    }
+}
+
+/// `ckpt-job restart [--epoch E] [--place n1=n3,...] NAME` of a cluster job.
+pub fn cluster_restart(
+    cfg: &Config,
+    name: &str,
+    epoch: Option<u64>,
+    place: &[(String, String)],
+    json_out: bool,
+) -> Result<i32> {
+    let Some(sock) = &cfg.coordinator_socket else {
+        bail!("restarting cluster job {name} needs `coordinator_socket` in the config");
+    };
+    let op = pb::request::Op::ClusterRestart(pb::ClusterRestartRequest {
+        job: name.into(),
+        epoch: epoch.unwrap_or(0),
+        placement: place.iter().cloned().collect(),
+    });
+    let done = match cluster_call(sock, op).map_err(|e| e.into_anyhow(sock))? {
+        pb::response::Body::ClusterRestart(d) => d,
+        other => bail!("unexpected reply from the coordinator: {other:?}"),
+    };
+    if json_out {
+        println!(
+            "{}",
+            json!({"job": name, "epoch": done.epoch, "restored": done.restored, "total_seconds": done.total_seconds})
+        );
+    } else {
+        println!(
+            "{name}: restarted from epoch {} in {:.2} s ({})",
+            done.epoch,
+            done.total_seconds,
+            done.restored.join(", ")
+        );
+    }
+    Ok(0)
+}
+
+/// Parses `--place n1=n3,n2=n4` (image node = agent node).
+pub fn parse_placement(s: &str) -> Result<Vec<(String, String)>> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for item in s.split(',').filter(|i| !i.is_empty()) {
+        let Some((from, to)) = item.split_once('=') else {
+            bail!("--place {s:?}: {item:?} is not IMAGE_NODE=AGENT_NODE");
+        };
+        for n in [from, to] {
+            ckpt_protocol::config_file::check_node_name(n)
+                .map_err(|e| anyhow!("--place {s:?}: {e}"))?;
+        }
+        if out.iter().any(|(f, _)| f == from) {
+            bail!("--place {s:?}: node {from} is placed twice");
+        }
+        out.push((from.to_owned(), to.to_owned()));
+    }
+    if out.is_empty() {
+        bail!("--place {s:?}: no IMAGE_NODE=AGENT_NODE pair");
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+
+    #[test]
+    fn placement_parses_and_bad_ones_are_named() {
+        assert_eq!(
+            parse_placement("n1=n3,n2=n4").unwrap(),
+            vec![("n1".into(), "n3".into()), ("n2".into(), "n4".into())]
+        );
+        let e = parse_placement("n1").unwrap_err().to_string();
+        assert!(
+            e.contains("\"n1\"") && e.contains("IMAGE_NODE=AGENT_NODE"),
+            "{e}"
+        );
+        let e = parse_placement("n1=n2,n1=n3").unwrap_err().to_string();
+        assert!(e.contains("twice"), "{e}");
+        let e = parse_placement("n1=a/b").unwrap_err().to_string();
+        assert!(e.contains("a/b"), "{e}");
+        assert!(parse_placement("").is_err());
     }
 }

@@ -36,6 +36,10 @@ pub struct Config {
     pub freeze_timeout: Duration,
     /// Name of this node in manifests; default: the hostname.
     pub node_name: Option<String>,
+    /// The coordinator's control socket: `checkpoint`, `status`, `list`
+    /// and `restart` reach it for cluster jobs (jobs not running under a
+    /// local `ckpt-job run`). Absent: local jobs only.
+    pub coordinator_socket: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -50,6 +54,7 @@ impl Default for Config {
             network: NetMode::Private,
             freeze_timeout: Duration::from_secs(10),
             node_name: None,
+            coordinator_socket: None,
         }
     }
 }
@@ -101,6 +106,9 @@ impl Config {
                 ("staging_dir", &self.staging_dir),
             ],
         )?;
+        if let Some(p) = &self.coordinator_socket {
+            check_absolute(text, &[("coordinator_socket", p)])?;
+        }
         if let Some(n) = &self.node_name {
             config_file::check_node_name(n).map_err(|e| format!("{}: {e}", at("node_name")))?;
         }
@@ -161,6 +169,8 @@ mod tests {
         assert!(e.contains("`keep` at line 3"), "{e}");
         let e = Config::parse("ckpt_dir = \"relative\"\n").unwrap_err();
         assert!(e.contains("ckpt_dir") && e.contains("absolute"), "{e}");
+        let e = Config::parse("\ncoordinator_socket = \"c.sock\"\n").unwrap_err();
+        assert!(e.contains("`coordinator_socket` at line 2"), "{e}");
         let e = Config::parse("keep = [").unwrap_err();
         assert!(e.contains("line 1"), "{e}");
     }

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use ckpt_agent::tree::NetMode;
 use ckpt_cli::commands::{self, Target};
 use ckpt_cli::config::Config;
+use ckpt_cli::rsh;
 use ckpt_cli::supervisor::{self, JobSpec};
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -55,14 +56,58 @@ enum Cmd {
         /// Run the job as this user (root only); the user then owns the job and its images.
         #[arg(long)]
         user: Option<String>,
+        /// A multi-node job: start its first tree under this node's ckpt-agent,
+        /// with mpirun (Open MPI) and hydra (MPICH) launching through
+        /// `ckpt-job rsh`; checkpoints go through the coordinator. Network:
+        /// the node's (default here; restart on the same nodes only), or with
+        /// --net private a job-stable address per tree from the
+        /// coordinator's job_network (restartable on other nodes).
+        #[arg(long, conflicts_with_all = ["ckpt_dir", "interval", "keep", "user"])]
+        cluster: bool,
+        /// With --cluster: where the job's output, exit status and rsh files
+        /// go, on a filesystem all nodes share (default: ./.ckpt/NAME).
+        #[arg(long, value_name = "DIR", requires = "cluster")]
+        io_dir: Option<PathBuf>,
+        /// With --cluster: the local agent's control socket (default:
+        /// $CKPT_AGENT_SOCKET, else /var/lib/ckpt/agent/control.sock).
+        #[arg(long, value_name = "PATH", requires = "cluster")]
+        agent_socket: Option<PathBuf>,
         #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
         command: Vec<OsString>,
     },
-    /// Checkpoint a running job; returns when the epoch is committed.
+    /// Start CMD on node HOST as part of the calling job (for mpirun's rsh
+    /// launcher; also installed as `ckpt-rsh`). Runs only inside a job tree.
+    Rsh {
+        /// [-x] HOST CMD...
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "HOST CMD"
+        )]
+        args: Vec<OsString>,
+    },
+    /// Internal: runs inside a tree started by rsh or run --cluster.
+    #[command(hide = true)]
+    RshExec {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
+        command: Vec<OsString>,
+    },
+    /// Checkpoint a running job; returns when the epoch is committed. A job
+    /// not running locally goes to the coordinator (`coordinator_socket`).
     Checkpoint {
         /// End the job once the epoch is committed.
         #[arg(long)]
         stop: bool,
+        /// Cluster jobs: have the coordinator checkpoint the job this often
+        /// (e.g. 10m; 0s turns it off) instead of checkpointing it now.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, conflicts_with = "stop")]
+        interval: Option<Duration>,
+        /// With --interval: committed epochs to keep (default: keep of the config).
+        #[arg(long, value_name = "K", requires = "interval")]
+        keep: Option<usize>,
         #[arg(long)]
         json: bool,
         name: String,
@@ -77,6 +122,12 @@ enum Cmd {
         interval: Option<Duration>,
         #[arg(long, value_name = "K")]
         keep: Option<usize>,
+        /// Cluster jobs: which agent restores which node's image, e.g.
+        /// n1=n3,n2=n4 (default: every image on the node it came from).
+        #[arg(long, value_name = "IMAGE=AGENT,...")]
+        place: Option<String>,
+        #[arg(long)]
+        json: bool,
         name: String,
     },
     /// Running jobs on this node and jobs with checkpoints.
@@ -115,7 +166,28 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // `ckpt-rsh HOST CMD...`: MPICH's -launcher-exec takes one executable.
+    let mut args = std::env::args_os();
+    let argv0 = args.next().unwrap_or_default();
+    if PathBuf::from(&argv0).file_name() == Some(std::ffi::OsStr::new(rsh::RSH_NAME)) {
+        let rest: Vec<OsString> = args.collect();
+        return ExitCode::from(rsh::rsh(&rest).clamp(0, 255) as u8);
+    }
     let cli = Cli::parse();
+    // Inside job trees: no configuration file is needed or read.
+    match cli.cmd {
+        Cmd::Rsh { args } => return ExitCode::from(rsh::rsh(&args).clamp(0, 255) as u8),
+        Cmd::RshExec { dir, command } => {
+            return match rsh::exec(&dir, &command) {
+                Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+                Err(e) => {
+                    eprintln!("ckpt-job rsh-exec: error: {e:#}");
+                    ExitCode::from(127)
+                }
+            }
+        }
+        _ => {}
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CKPT_LOG")
@@ -142,8 +214,24 @@ fn real_main(cli: Cli) -> Result<i32> {
             keep,
             net,
             user,
+            cluster,
+            io_dir,
+            agent_socket,
             command,
         } => {
+            if cluster {
+                return rsh::run_cluster(rsh::ClusterRun {
+                    job: name.unwrap_or_else(|| default_name(&command)),
+                    io_dir,
+                    net: match net {
+                        Some(Net::Private) => NetMode::Private,
+                        Some(Net::Host) | None => NetMode::Host,
+                    },
+                    agent_socket: agent_socket.unwrap_or_else(rsh::agent_socket),
+                    command,
+                    cwd: std::env::current_dir().context("reading the current directory")?,
+                });
+            }
             let (uid, gid, groups) = owner(user.as_deref())?;
             let name = match name {
                 Some(n) => n,
@@ -167,13 +255,41 @@ fn real_main(cli: Cli) -> Result<i32> {
             };
             supervisor::run(&cfg, spec)
         }
-        Cmd::Checkpoint { stop, json, name } => commands::checkpoint(&cfg, &name, stop, json),
+        Cmd::Checkpoint {
+            stop,
+            interval: Some(interval),
+            keep,
+            json,
+            name,
+        } => {
+            let _ = stop;
+            commands::cluster_schedule(&cfg, &name, interval, keep, json)
+        }
+        Cmd::Checkpoint {
+            stop, json, name, ..
+        } => commands::checkpoint_any(&cfg, &name, stop, json),
+        Cmd::Restart {
+            epoch,
+            place: Some(place),
+            json,
+            name,
+            ..
+        } => {
+            let place = commands::parse_placement(&place)?;
+            commands::cluster_restart(&cfg, &name, epoch, &place, json)
+        }
+        Cmd::Restart {
+            epoch, json, name, ..
+        } if commands::is_cluster_job(&cfg, &name) => {
+            commands::cluster_restart(&cfg, &name, epoch, &[], json)
+        }
         Cmd::Restart {
             epoch,
             ckpt_dir,
             interval,
             keep,
             name,
+            ..
         } => {
             let spec = JobSpec {
                 name,
@@ -210,6 +326,8 @@ fn real_main(cli: Cli) -> Result<i32> {
             json,
             target,
         } => commands::verify(&cfg, ckpt_dir.as_deref(), &Target::parse(&target)?, json),
+        // Run by main() before the configuration is read.
+        Cmd::Rsh { .. } | Cmd::RshExec { .. } => bail!("rsh and rsh-exec are handled before"),
     }
 }
 

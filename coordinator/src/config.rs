@@ -41,9 +41,21 @@ pub struct CoordinatorFile {
     pub heartbeat_misses: u32,
     /// Only these nodes may connect; absent: any key holder.
     pub expected_nodes: Option<Vec<String>>,
-    /// The local control socket (root only); absent: none.
+    /// The local control socket (any local user; each may act on the jobs
+    /// they own, root on all); absent: none.
     pub control_socket: Option<PathBuf>,
+    /// Root's private directory for the job registry (`registry.json`);
+    /// absent: the registry is not kept across restarts (the image store
+    /// still gives every job's epochs).
+    pub state_dir: Option<PathBuf>,
     pub deadlines: DeadlinesFile,
+    /// The IPv4 network job-stable addresses come from, e.g.
+    /// "10.211.0.0/16"; absent: trees with a private network get loopback
+    /// only. Grants are kept in `<ckpt_dir>/.job-addresses.json`.
+    pub job_network: Option<String>,
+    /// `[launch]`: start the agents of a hostfile over SSH; absent: the
+    /// agents are started by someone else (Slurm prolog, systemd, admin).
+    pub launch: Option<crate::launch::LaunchFile>,
 }
 
 /// `[deadlines]`: how long each phase of an epoch may take.
@@ -87,7 +99,10 @@ impl Default for CoordinatorFile {
             heartbeat_misses: daemon.heartbeat_misses,
             expected_nodes: None,
             control_socket: None,
+            state_dir: None,
             deadlines: DeadlinesFile::default(),
+            job_network: None,
+            launch: None,
         }
     }
 }
@@ -106,12 +121,32 @@ impl CoordinatorFile {
     }
 
     fn validate(&self, text: &str) -> Result<(), String> {
+        if let Some(launch) = &self.launch {
+            launch.validate(text)?;
+        }
         config_file::check_node_name(&self.name)
             .map_err(|e| format!("{}: {e}", at(text, "name")))?;
         check_absolute(
             text,
             &[("key_file", &self.key_file), ("ckpt_dir", &self.ckpt_dir)],
         )?;
+        if let Some(dir) = &self.state_dir {
+            check_absolute(text, &[("state_dir", dir)])?;
+            if dir == &self.ckpt_dir || dir.starts_with(&self.ckpt_dir) {
+                return Err(format!(
+                    "{}: state_dir must not be inside ckpt_dir ({})",
+                    at(text, "state_dir"),
+                    self.ckpt_dir.display()
+                ));
+            }
+        }
+        if let Some(n) = &self.job_network {
+            n.parse::<ckpt_protocol::jobnet::JobNetwork>()
+                .map_err(|e| format!("{}: {e}", at(text, "job_network")))?;
+        }
+        if let Some(sock) = &self.control_socket {
+            check_absolute(text, &[("control_socket", sock)])?;
+        }
         let d = &self.deadlines;
         check_positive(
             text,
@@ -170,6 +205,16 @@ impl CoordinatorFile {
         }
     }
 
+    /// `job_network`, parsed (validated at load).
+    pub fn job_network(&self) -> Option<ckpt_protocol::jobnet::JobNetwork> {
+        self.job_network.as_ref().and_then(|n| n.parse().ok())
+    }
+
+    /// Where the job address grants are kept.
+    pub fn address_file(&self) -> PathBuf {
+        self.ckpt_dir.join(".job-addresses.json")
+    }
+
     pub fn deadlines(&self) -> Deadlines {
         let d = &self.deadlines;
         Deadlines {
@@ -213,6 +258,11 @@ mod tests {
         assert_eq!(d.heartbeat_interval, Duration::from_millis(250));
         assert_eq!(d.heartbeat_misses, 5);
         assert_eq!(d.expect, NodeExpectation::one_of(["n1", "n2"]));
+        let c = CoordinatorFile::parse("state_dir = \"/var/lib/ckpt/coordinator\"\n").unwrap();
+        assert_eq!(
+            c.state_dir,
+            Some(PathBuf::from("/var/lib/ckpt/coordinator"))
+        );
     }
 
     #[test]
@@ -253,6 +303,28 @@ mod tests {
         );
         let e = err("expected_nodes = [\"n1\", \"n1\"]\n");
         assert!(e.contains("twice"), "{e}");
+        let e = err("name = \"c\"\njob_network = \"10.211.0.1/16\"\n");
+        assert!(
+            e.contains("`job_network` at line 2") && e.contains("host bits"),
+            "{e}"
+        );
+        let c = CoordinatorFile::parse("job_network = \"10.211.0.0/16\"\n").unwrap();
+        assert_eq!(
+            c.job_network().map(|n| n.to_string()).as_deref(),
+            Some("10.211.0.0/16")
+        );
+        let e = err("state_dir = \"state\"\n");
+        assert!(
+            e.contains("`state_dir` at line 1") && e.contains("absolute"),
+            "{e}"
+        );
+        let e = err("ckpt_dir = \"/srv/img\"\nstate_dir = \"/srv/img/state\"\n");
+        assert!(
+            e.contains("`state_dir` at line 2") && e.contains("inside"),
+            "{e}"
+        );
+        let e = err("control_socket = \"c.sock\"\n");
+        assert!(e.contains("`control_socket` at line 1"), "{e}");
         let e = err("name = \"a b\"\n");
         assert!(e.contains("`name` at line 1"), "{e}");
     }

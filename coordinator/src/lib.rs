@@ -9,4 +9,5 @@ pub mod config;
 pub mod daemon;
 pub mod digest;
 pub mod epoch;
+pub mod launch;
 pub mod store;

@@ -35,6 +35,10 @@ pub struct RestoreRequest<'a> {
     pub cgroups: Vec<PathBuf>,
     /// New write ends for the tree's stdio pipes, by the dumped pipe inode.
     pub stdio: Vec<(u64, BorrowedFd<'a>)>,
+    /// The network namespace a tree with its own is restored into (one with
+    /// its job address for a `Job` image); None: a fresh one with loopback
+    /// only.
+    pub netns: Option<BorrowedFd<'a>>,
 }
 
 impl std::fmt::Debug for RestoreRequest<'_> {
@@ -133,9 +137,20 @@ pub fn restore_tree(
         path: req.staging.to_path_buf(),
         source: std::io::Error::other(e.to_string()),
     })?;
-    let netns: Option<OwnedFd> = match &req.image.net {
+    let fresh: Option<OwnedFd> = match (&req.image.net, req.netns) {
+        (ImageNet::Private { .. }, None) => {
+            Some(tree::new_private_netns().map_err(RestoreError::Netns)?)
+        }
+        (ImageNet::Job { address, .. }, None) => {
+            return Err(RestoreError::Netns(std::io::Error::other(format!(
+                "the tree had job address {address}: it needs a namespace with that address"
+            ))))
+        }
+        _ => None,
+    };
+    let netns: Option<BorrowedFd> = match &req.image.net {
         ImageNet::Host => None,
-        ImageNet::Private { .. } => Some(tree::new_private_netns().map_err(RestoreError::Netns)?),
+        _ => req.netns.or(fresh.as_ref().map(|f| f.as_fd())),
     };
     let mut opts = RestoreOptions::new(dir_fd.as_fd());
     opts.rst_sibling = true;
@@ -145,9 +160,11 @@ pub fn restore_tree(
     opts.manage_cgroups_mode = Some(CgMode::Ignore);
     opts.join_cgroup_procs = vec![req.freezer.procs_file()];
     opts.join_cgroup_procs.extend(req.cgroups.iter().cloned());
-    if let (Some(fd), ImageNet::Private { key }) = (&netns, &req.image.net) {
+    if let (Some(fd), ImageNet::Private { key } | ImageNet::Job { key, .. }) =
+        (netns, &req.image.net)
+    {
         opts.inherit_fd.push(InheritFd {
-            fd: fd.as_fd(),
+            fd,
             key: key.clone(),
         });
     }

@@ -47,6 +47,9 @@ pub struct TreeSpec {
     pub stderr: OwnedFd,
     /// `cgroup.procs` files the init joins before it runs anything.
     pub cgroups: Vec<PathBuf>,
+    /// With [`NetMode::Private`]: join this prepared network namespace (a
+    /// job address, see [`crate::jobnet`]) instead of creating one.
+    pub netns: Option<OwnedFd>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,8 +70,16 @@ fn cstring(bytes: &[u8], what: &str) -> Result<CString, TreeError> {
     CString::new(bytes).map_err(|_| TreeError::BadArgument(format!("{what} contains a NUL byte")))
 }
 
-/// Starts a tree and returns the host PID of its init.
-pub fn spawn(spec: &TreeSpec) -> Result<i32, TreeError> {
+/// Starts a tree and returns the host PID of its init once the init runs
+/// (it has its session, cgroups and namespaces: a checkpoint right after
+/// this returns finds a well-formed tree). The clone happens on the
+/// [`crate::forker`] thread, so the init's parent-death signal fires only
+/// when this process dies. The spec's descriptors are closed on return.
+pub fn spawn(spec: TreeSpec) -> Result<i32, TreeError> {
+    crate::forker::run(move || spawn_here(&spec))
+}
+
+fn spawn_here(spec: &TreeSpec) -> Result<i32, TreeError> {
     // Everything the child needs is prepared here: between clone and execve
     // the child may only make async-signal-safe calls (the caller is
     // multithreaded; locks held by other threads are never released there).
@@ -128,7 +139,11 @@ pub fn spawn(spec: &TreeSpec) -> Result<i32, TreeError> {
     let lo_name = *b"lo\0";
 
     let mut flags = libc::CLONE_NEWPID | libc::CLONE_NEWIPC;
-    if spec.net == NetMode::Private {
+    let join_net = match (&spec.netns, spec.net) {
+        (Some(fd), NetMode::Private) => fd.as_raw_fd(),
+        _ => -1,
+    };
+    if spec.net == NetMode::Private && join_net < 0 {
         flags |= libc::CLONE_NEWNET;
     }
     let child = ChildPlan {
@@ -138,9 +153,15 @@ pub fn spawn(spec: &TreeSpec) -> Result<i32, TreeError> {
         cwd: &cwd,
         stdio: [stdin_fd, spec.stdout.as_raw_fd(), spec.stderr.as_raw_fd()],
         cgroups: &cgroup_raw,
-        lo_up: spec.net == NetMode::Private,
+        lo_up: spec.net == NetMode::Private && join_net < 0,
         lo_name: &lo_name,
+        join_net,
     };
+
+    // Exec barrier: both ends close-on-exec; EOF on the read end means the
+    // child has exec'd the init (or died trying).
+    let (barrier_r, barrier_w) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| TreeError::Clone(io::Error::from(e)))?;
 
     // SAFETY: clone without CLONE_VM and without a new stack behaves like
     // fork(2); the child runs only `child.exec()`, which makes raw,
@@ -162,6 +183,9 @@ pub fn spawn(spec: &TreeSpec) -> Result<i32, TreeError> {
         // SAFETY: we are the freshly cloned child; see ChildPlan::exec.
         unsafe { child.exec() }
     }
+    drop(barrier_w);
+    let mut byte = [0u8; 1];
+    while let Err(nix::errno::Errno::EINTR) = nix::unistd::read(barrier_r.as_raw_fd(), &mut byte) {}
     Ok(pid as i32)
 }
 
@@ -193,6 +217,8 @@ struct ChildPlan<'a> {
     cgroups: &'a [i32],
     lo_up: bool,
     lo_name: &'a [u8; 3],
+    /// A network namespace to join (-1: none).
+    join_net: i32,
 }
 
 /// Reports a setup failure on the job's stderr and ends the child.
@@ -213,6 +239,9 @@ impl ChildPlan<'_> {
         // SAFETY: raw, async-signal-safe system calls on descriptors and
         // buffers the parent prepared, alive in this copy of its memory.
         unsafe {
+            if self.join_net >= 0 && libc::setns(self.join_net, libc::CLONE_NEWNET) < 0 {
+                fail(b"ckpt: cannot join the job's network namespace\n");
+            }
             for fd in self.cgroups {
                 if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
                     fail(b"ckpt: cannot join the job's cgroup\n");

@@ -292,6 +292,37 @@ fn continue_then_stop_commit_on_two_nodes() {
     });
 }
 
+/// A tree's init has PR_SET_PDEATHSIG, which Linux fires when the parent
+/// *thread* exits: a tree started from a thread that ends right after
+/// (a control-socket connection thread) must not die with that thread.
+#[test]
+fn a_tree_started_from_a_short_lived_thread_outlives_it() {
+    let Some((_guard, criu)) =
+        prerequisites("a_tree_started_from_a_short_lived_thread_outlives_it")
+    else {
+        return;
+    };
+    runtime().block_on(async {
+        let c = Cluster::start(&criu).await;
+        let ids: Vec<TreeId> = (0..3)
+            .map(|_| std::thread::scope(|s| s.spawn(|| c.spawn(0, COUNTER)).join().unwrap()))
+            .collect();
+        // The spawning threads are gone; the trees keep counting.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = c.lines(0);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for id in &ids {
+            let st = c.agents[0].tree(*id).unwrap().state;
+            assert_eq!(
+                st,
+                TreeState::Running,
+                "tree {id} died with its spawning thread"
+            );
+        }
+        assert!(c.lines(0) > before, "the trees stopped printing");
+    });
+}
+
 #[test]
 fn failed_prepare_aborts_and_leaves_the_other_tree_running() {
     let Some((_guard, criu)) =
@@ -353,7 +384,14 @@ async fn next_reply(s: &mut tokio::net::TcpStream) -> ckpt_protocol::cluster::pb
         .await
         .expect("no reply from the agent")
         .unwrap();
-        if !matches!(f.body, Some(Body::Heartbeat(_))) {
+        // Heartbeats and the job-registry reports (tree list, started,
+        // exited) come at any time; the epoch replies are what is asked.
+        if !matches!(
+            f.body,
+            Some(
+                Body::Heartbeat(_) | Body::TreeList(_) | Body::TreeStarted(_) | Body::TreeExited(_)
+            )
+        ) {
             return f;
         }
     }

@@ -447,7 +447,14 @@ async fn next_reply(s: &mut tokio::net::TcpStream) -> ckpt_protocol::cluster::pb
         .await
         .expect("no reply from the agent")
         .unwrap();
-        if !matches!(f.body, Some(Body::Heartbeat(_))) {
+        // Heartbeats and the job-registry reports (tree list, started,
+        // exited) come at any time; the epoch replies are what is asked.
+        if !matches!(
+            f.body,
+            Some(
+                Body::Heartbeat(_) | Body::TreeList(_) | Body::TreeStarted(_) | Body::TreeExited(_)
+            )
+        ) {
             return f;
         }
     }

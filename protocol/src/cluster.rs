@@ -91,6 +91,13 @@ impl pb::Frame {
                 Body::RestoreTree(_) => "RestoreTree",
                 Body::Restored(_) => "Restored",
                 Body::Resume(_) => "Resume",
+                Body::AddressRequest(_) => "AddressRequest",
+                Body::AddressGrant(_) => "AddressGrant",
+                Body::TreeStarted(_) => "TreeStarted",
+                Body::TreeExited(_) => "TreeExited",
+                Body::TreeList(_) => "TreeList",
+                Body::RemoteSpawn(_) => "RemoteSpawn",
+                Body::RemoteSpawned(_) => "RemoteSpawned",
             },
         }
     }
@@ -120,7 +127,14 @@ impl pb::Frame {
             | Body::Proof(_)
             | Body::Welcome(_)
             | Body::Reject(_)
-            | Body::Heartbeat(_) => return None,
+            | Body::Heartbeat(_)
+            | Body::AddressRequest(_)
+            | Body::AddressGrant(_)
+            | Body::TreeStarted(_)
+            | Body::TreeExited(_)
+            | Body::TreeList(_)
+            | Body::RemoteSpawn(_)
+            | Body::RemoteSpawned(_) => return None,
         };
         Some((job.as_str(), epoch))
     }
@@ -143,6 +157,18 @@ into_frame! {
     Resumed => Resumed, Stopped => Stopped, Flushed => Flushed,
     EpochCommitted => EpochCommitted, Abort => Abort, Aborted => Aborted,
     RestoreTree => RestoreTree, Restored => Restored, Resume => Resume,
+}
+
+into_frame! {
+    TreeStarted => TreeStarted, TreeExited => TreeExited, TreeList => TreeList,
+}
+
+into_frame! {
+    RemoteSpawn => RemoteSpawn, RemoteSpawned => RemoteSpawned,
+}
+
+into_frame! {
+    AddressRequest => AddressRequest, AddressGrant => AddressGrant,
 }
 
 impl From<manifest::CheckpointMode> for pb::CheckpointMode {
@@ -212,7 +238,13 @@ pub fn node_image_to_wire(img: &manifest::NodeImage) -> Result<pb::NodeImage, Wi
             root_pid: t.root_pid,
             net_key: match &t.net {
                 manifest::NetMode::Host => String::new(),
-                manifest::NetMode::Private { key } => key.clone(),
+                manifest::NetMode::Private { key } | manifest::NetMode::Job { key, .. } => {
+                    key.clone()
+                }
+            },
+            address: match &t.net {
+                manifest::NetMode::Job { address, .. } => address.clone(),
+                _ => String::new(),
             },
             stdio: t
                 .stdio
@@ -288,8 +320,13 @@ pub fn node_image_from_wire(
             root_pid: t.root_pid,
             net: if t.net_key.is_empty() {
                 manifest::NetMode::Host
-            } else {
+            } else if t.address.is_empty() {
                 manifest::NetMode::Private { key: t.net_key }
+            } else {
+                manifest::NetMode::Job {
+                    key: t.net_key,
+                    address: t.address,
+                }
             },
             stdio: t
                 .stdio

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config_file;
 pub mod framing;
+pub mod jobnet;
 pub mod local_control;
 pub mod manifest;
 pub mod report;

@@ -319,6 +319,13 @@ pub enum NetMode {
     Private {
         key: String,
     },
+    /// Own namespace with a job-stable address (`address`, IPv4, of the
+    /// job network), dumped as external with this CRIU key. Restored into
+    /// a namespace with the same address, wherever the tree goes.
+    Job {
+        key: String,
+        address: String,
+    },
 }
 
 /// A pipe on one of the tree's stdio fds, dumped as external.
@@ -383,6 +390,12 @@ pub enum ValidationError {
         field: &'static str,
         path: String,
         reason: &'static str,
+    },
+    #[error("manifest of node {node:?} gives tree {tree} job address {address:?}, which is not an IPv4 address")]
+    BadAddress {
+        node: String,
+        tree: u32,
+        address: String,
     },
     #[error("manifest lists file {name:?} more than once")]
     DuplicateFile { name: String },
@@ -474,6 +487,15 @@ impl Manifest {
                 }
                 for w in &tree.writable_files {
                     check_abs_path("writable file", &w.path)?;
+                }
+                if let NetMode::Job { address, .. } = &tree.net {
+                    if address.parse::<std::net::Ipv4Addr>().is_err() {
+                        return Err(ValidationError::BadAddress {
+                            node: node.node.clone(),
+                            tree: tree.id,
+                            address: address.clone(),
+                        });
+                    }
                 }
             }
         }

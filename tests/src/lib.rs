@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 pub use tempfile::TempDir;
 
 pub mod cluster;
+pub mod daemons;
 
 /// Something a test needs from the machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +31,8 @@ pub enum Prereq {
     Criu,
     OpenMpi,
     Mpich,
+    /// OpenSSH's server and ssh-keygen (agents started over SSH).
+    Sshd,
 }
 
 fn missing(p: Prereq) -> Option<String> {
@@ -54,6 +57,8 @@ fn missing(p: Prereq) -> Option<String> {
             .then(|| "Open MPI (mpirun.openmpi, mpicc.openmpi) not installed".into()),
         Prereq::Mpich => (!have("mpirun.mpich") || !have("mpicc.mpich"))
             .then(|| "MPICH (mpirun.mpich, mpicc.mpich) not installed".into()),
+        Prereq::Sshd => (!Path::new("/usr/sbin/sshd").exists() || !have("ssh-keygen"))
+            .then(|| "OpenSSH server (/usr/sbin/sshd, ssh-keygen) not installed".into()),
     }
 }
 

@@ -151,10 +151,11 @@ pub fn run(cfg: &Config, spec: JobSpec) -> Result<i32> {
         cgroups: std::iter::once(s.freezer.procs_file())
             .chain(s.pty_ban.as_ref().map(|b| b.procs_file()))
             .collect(),
+        netns: None,
     };
-    let pid = tree::spawn(&tree_spec).context("starting the job tree")?;
+    // Our copies of the write ends go with the spec: EOF when the tree ends.
+    let pid = tree::spawn(tree_spec).context("starting the job tree")?;
     cgroup_guard.0 = None;
-    drop(tree_spec); // our copies of the write ends: EOF when the tree ends
     eprintln!(
         "ckpt: job {} started (pid {pid}, {} network); checkpoints in {}",
         spec.name,
@@ -228,7 +229,8 @@ pub fn restart(
     spec.cwd = PathBuf::from(&manifest.cwd);
     spec.net = match image.net {
         ckpt_protocol::manifest::NetMode::Host => NetMode::Host,
-        ckpt_protocol::manifest::NetMode::Private { .. } => NetMode::Private,
+        ckpt_protocol::manifest::NetMode::Private { .. }
+        | ckpt_protocol::manifest::NetMode::Job { .. } => NetMode::Private,
     };
     become_subreaper()?;
     // The restored processes keep the environment of the original run, so
@@ -262,6 +264,7 @@ pub fn restart(
         freezer: &s.freezer,
         cgroups: s.pty_ban.iter().map(|b| b.procs_file()).collect(),
         stdio: writers.iter().map(|(ino, fd)| (*ino, fd.as_fd())).collect(),
+        netns: None,
     };
     tracing::info!(job = %spec.name, epoch, phase = "restoring", "CRIU restore begins");
     let restored = restore::restore_tree(&req, &mut gate);

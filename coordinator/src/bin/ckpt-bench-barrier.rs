@@ -11,12 +11,13 @@
 //! Usage: `ckpt-bench-barrier [EPOCHS_FOR_1000] [EPOCHS_FOR_10000]`
 //! (release build: `cargo run --release -p ckpt-coordinator --bin ckpt-bench-barrier`).
 
-use std::alloc::{GlobalAlloc, Layout, System};
+mod bench_support;
+
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bench_support::{pct, OTHER};
 use ckpt_coordinator::epoch::{
     Action, AgentMsg, Command, Deadlines, Epoch, EpochSpec, Event, NodeDump, NodeId, Roster,
 };
@@ -24,78 +25,18 @@ use ckpt_protocol::manifest::{
     CheckpointMode, FileDigest, Key, NetMode, NodeImage, Timings, TreeImage,
 };
 
-/// Counts live and peak heap bytes; everything else is the system
-/// allocator's.
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-fn grew(bytes: usize) {
-    let live = LIVE.fetch_add(bytes, Ordering::Relaxed) + bytes;
-    PEAK.fetch_max(live, Ordering::Relaxed);
-}
-
-fn shrank(bytes: usize) {
-    LIVE.fetch_sub(bytes, Ordering::Relaxed);
-}
-
-// SAFETY: every method forwards to `System` with the caller's arguments
-// unchanged, so `System` upholds the GlobalAlloc contract; the counters are
-// only bookkeeping and never touch the memory.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded with the caller's (valid, non-zero-size) layout.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            grew(layout.size());
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as in `alloc`.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            grew(layout.size());
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` was allocated by `System` (through us) with `layout`.
-        unsafe { System.dealloc(ptr, layout) };
-        shrank(layout.size());
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: `ptr`/`layout` come from an earlier allocation of ours;
-        // `new_size` is the caller's, forwarded unchanged.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            shrank(layout.size());
-            grew(new_size);
-        }
-        p
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
+/// Heap live now (one thread: everything is booked to `OTHER`).
 fn live() -> usize {
-    LIVE.load(Ordering::Relaxed)
+    bench_support::live(OTHER).max(0) as usize
 }
 
-/// Resets the peak to the current live size.
+/// Resets the peak to the current live size, which it returns.
 fn reset_peak() -> usize {
-    let l = live();
-    PEAK.store(l, Ordering::Relaxed);
-    l
+    bench_support::reset_peak(OTHER).max(0) as usize
 }
 
 fn peak() -> usize {
-    PEAK.load(Ordering::Relaxed)
+    bench_support::peak(OTHER).max(0) as usize
 }
 
 /// splitmix64, for shuffling reply orders.
@@ -166,12 +107,6 @@ struct Memory {
     payload: usize,
     encode_peak: usize,
     manifest_bytes: usize,
-}
-
-fn pct(v: &mut [Duration], p: f64) -> f64 {
-    v.sort_unstable();
-    let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1;
-    v[i].as_secs_f64() * 1000.0
 }
 
 fn fail(n: usize, what: &str) -> String {

@@ -16,6 +16,20 @@
 //!   returned (PREPARE, READY, DUMP, DUMPED, COMMIT, RESUMED, FLUSHED,
 //!   manifest commit, COMMITTED).
 //!
+//! Each epoch is measured alone: the next starts once every agent took the
+//! last COMMITTED, plus a pause. Where the time goes, per epoch (p50):
+//! CPU time of the whole process and of the coordinator's threads (read
+//! from `/proc/self/task/*/schedstat`; the rest is the simulated agents';
+//! on loopback a sender's `write` also runs the receiver's TCP input, so
+//! the kernel's share splits roughly evenly), and the TCP segments sent in
+//! this network namespace per agent (data frames and bare ACKs; other
+//! traffic in the namespace counts too).
+//!
+//! Then, per N, the manifest commit alone as the real daemon does it
+//! ([`StoreWriter`] into an image store under `$CKPT_BENCH_DIR`, default
+//! `/var/tmp`: validation, a stat of every image file, JSON + MAC, write,
+//! fsync, rename), which the epochs above replace with an in-memory encode.
+//!
 //! Memory: a counting global allocator keeps live/peak heap per "side": each
 //! runtime tags its threads (worker and blocking threads, via
 //! `on_thread_start`) and an allocation or free is booked to the side of the
@@ -28,113 +42,37 @@
 //! Usage: `ckpt-bench-control [EPOCHS_FOR_1000] [EPOCHS_FOR_10000]`
 //! (release: `cargo run --release -p ckpt-coordinator --bin ckpt-bench-control`).
 //! Environment: `CKPT_BENCH_COORD_THREADS`, `CKPT_BENCH_AGENT_THREADS`
-//! (worker threads of each runtime; default 2 and 2).
+//! (worker threads of each runtime; default 2 and 2),
+//! `CKPT_BENCH_MANIFEST_REPS` (manifest commits per N, default 3; 0: none),
+//! `CKPT_BENCH_DIR` (where those go).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
+mod bench_support;
+
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ckpt_coordinator::daemon::sim::{SimAgent, SimConfig};
-use ckpt_coordinator::daemon::{bind, Coordinator, CoordinatorConfig, MemoryWriter};
+use bench_support::{
+    live, pct, pct_count, peak, reset_peak, rss_kib, tag_thread, tcp_out_segments, thread_cpu,
+};
+use ckpt_coordinator::daemon::sim::{fake_image, SimAgent, SimConfig, SimStats};
+use ckpt_coordinator::daemon::{
+    bind, Coordinator, CoordinatorConfig, ManifestWriter, MemoryWriter, StoreWriter,
+};
 use ckpt_coordinator::epoch::Deadlines;
-use ckpt_protocol::manifest::{CheckpointMode, Key};
+use ckpt_coordinator::store::ImageStore;
+use ckpt_protocol::cluster::node_image_from_wire;
+use ckpt_protocol::manifest::{CheckpointMode, Key, Manifest, Timings, FORMAT_VERSION};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
-const OTHER: usize = 0;
+/// Heap sides (see `bench_support`): the coordinator's runtime, the agents'.
 const COORD: usize = 1;
 const AGENTS: usize = 2;
-
-thread_local! {
-    static SIDE: Cell<usize> = const { Cell::new(OTHER) };
-}
-
-static LIVE: [AtomicIsize; 3] = [
-    AtomicIsize::new(0),
-    AtomicIsize::new(0),
-    AtomicIsize::new(0),
-];
-static PEAK: [AtomicIsize; 3] = [
-    AtomicIsize::new(0),
-    AtomicIsize::new(0),
-    AtomicIsize::new(0),
-];
-
-fn side() -> usize {
-    // Const-initialised and without a destructor: always accessible.
-    SIDE.try_with(Cell::get).unwrap_or(OTHER)
-}
-
-fn grew(bytes: usize) {
-    let s = side();
-    let live = LIVE[s].fetch_add(bytes as isize, Ordering::Relaxed) + bytes as isize;
-    PEAK[s].fetch_max(live, Ordering::Relaxed);
-}
-
-fn shrank(bytes: usize) {
-    LIVE[side()].fetch_sub(bytes as isize, Ordering::Relaxed);
-}
-
-/// Counts heap per side; the memory itself is the system allocator's.
-struct Counting;
-
-// SAFETY: every method forwards to `System` with the caller's arguments
-// unchanged, so `System` upholds the GlobalAlloc contract; the counters are
-// bookkeeping only (atomics and a const thread-local that never allocates).
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded with the caller's (valid, non-zero-size) layout.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            grew(layout.size());
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as in `alloc`.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            grew(layout.size());
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` was allocated by `System` (through us) with `layout`.
-        unsafe { System.dealloc(ptr, layout) };
-        shrank(layout.size());
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: `ptr`/`layout` come from an earlier allocation of ours;
-        // `new_size` is the caller's, forwarded unchanged.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            shrank(layout.size());
-            grew(new_size);
-        }
-        p
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-fn live(s: usize) -> isize {
-    LIVE[s].load(Ordering::Relaxed)
-}
-
-fn reset_peak(s: usize) {
-    PEAK[s].store(live(s), Ordering::Relaxed);
-}
-
-fn peak(s: usize) -> isize {
-    PEAK[s].load(Ordering::Relaxed)
-}
+/// Thread names of the two runtimes (per-side CPU time is read by name).
+const COORD_THREADS: &str = "coord";
+const AGENT_THREADS: &str = "agents";
 
 /// Descriptors per agent in this process: both ends of its connection.
 const FDS_PER_AGENT: u64 = 2;
@@ -169,7 +107,7 @@ fn runtime(side_tag: usize, threads: usize, name: &str) -> anyhow::Result<tokio:
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .thread_name(name)
-        .on_thread_start(move || SIDE.with(|s| s.set(side_tag)))
+        .on_thread_start(move || tag_thread(side_tag))
         .enable_all()
         .build()
         .with_context(|| format!("building the {name} runtime"))
@@ -183,28 +121,6 @@ fn env_threads(var: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn pct(v: &mut [Duration], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_unstable();
-    let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1;
-    v[i].as_secs_f64() * 1000.0
-}
-
-fn rss_kib() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
 #[derive(Default)]
 struct Samples {
     barrier: Vec<Duration>,
@@ -214,12 +130,23 @@ struct Samples {
     flush: Vec<Duration>,
     commit: Vec<Duration>,
     coord_peak: isize,
+    /// CPU time of the whole process (both sides) per epoch.
+    cpu: Vec<Duration>,
+    /// CPU time of the coordinator's threads per epoch.
+    coord_cpu: Vec<Duration>,
+    /// TCP segments sent in this network namespace per epoch (data and
+    /// pure ACKs, both directions).
+    segments: Vec<u64>,
 }
 
 const WARMUP: usize = 2;
-/// Pause between epochs, so COMMITTED of one epoch has reached every agent
-/// before the next PREPARE (each epoch is measured alone).
+/// Each epoch is measured alone: the next PREPARE goes out only once every
+/// agent has taken the last epoch's COMMITTED (it is broadcast as the
+/// epoch completes, after the measurement), and then after this pause for
+/// the kernel's delayed ACKs of that broadcast (40 ms on Linux).
 const PAUSE: Duration = Duration::from_millis(50);
+/// Longest wait for every agent to take COMMITTED.
+const COMMITTED_WAIT: Duration = Duration::from_secs(10);
 
 fn bench(
     n: usize,
@@ -228,8 +155,8 @@ fn bench(
     agent_threads: usize,
 ) -> anyhow::Result<()> {
     let key = Key::from_bytes([7; 32]);
-    let coord_rt = runtime(COORD, coord_threads, "coord")?;
-    let agent_rt = runtime(AGENTS, agent_threads, "agents")?;
+    let coord_rt = runtime(COORD, coord_threads, COORD_THREADS)?;
+    let agent_rt = runtime(AGENTS, agent_threads, AGENT_THREADS)?;
     let (c0, a0) = (live(COORD), live(AGENTS));
 
     let coordinator = {
@@ -264,6 +191,7 @@ fn bench(
         anyhow::Ok(agents)
     }))??;
     let names: Vec<String> = agents.iter().map(|a| a.node.clone()).collect();
+    let stats: Vec<Arc<SimStats>> = agents.iter().map(|a| a.stats.clone()).collect();
     let connected = {
         let c = coordinator.clone();
         coord_rt.block_on(coord_rt.spawn(async move {
@@ -293,6 +221,8 @@ fn bench(
             for e in 0..(epochs + WARMUP) {
                 let base = live(COORD);
                 reset_peak(COORD);
+                let (cpu0, segs0) = (thread_cpu(None), tcp_out_segments());
+                let coord0 = thread_cpu(Some(COORD_THREADS));
                 let t0 = Instant::now();
                 let o = c
                     .checkpoint(
@@ -304,12 +234,23 @@ fn bench(
                     )
                     .await?;
                 let api = t0.elapsed();
+                let (cpu1, segs1) = (thread_cpu(None), tcp_out_segments());
+                let coord1 = thread_cpu(Some(COORD_THREADS));
                 if !o.committed() {
                     bail!("epoch {} did not commit: {:?}", e + 1, o.verdict);
                 }
                 if e >= WARMUP {
                     s.coord_peak = s.coord_peak.max(peak(COORD) - base);
                     s.api.push(api);
+                    if let (Some(a), Some(b)) = (cpu0, cpu1) {
+                        s.cpu.push(b.saturating_sub(a));
+                    }
+                    if let (Some(a), Some(b)) = (coord0, coord1) {
+                        s.coord_cpu.push(b.saturating_sub(a));
+                    }
+                    if let (Some(a), Some(b)) = (segs0, segs1) {
+                        s.segments.push(b.saturating_sub(a));
+                    }
                     s.total.push(o.timings.total);
                     let t = &o.timings;
                     for (v, d) in [
@@ -320,6 +261,14 @@ fn bench(
                     ] {
                         v.push(d.unwrap_or_default());
                     }
+                }
+                let until = Instant::now() + COMMITTED_WAIT;
+                let done = e as u32 + 1;
+                while stats.iter().any(|st| SimStats::get(&st.committed) < done) {
+                    if Instant::now() > until {
+                        bail!("epoch {done}: not every agent took COMMITTED within {COMMITTED_WAIT:?}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 tokio::time::sleep(PAUSE).await;
             }
@@ -362,6 +311,21 @@ fn bench(
         pct(&mut s.flush, 0.5),
         pct(&mut s.commit, 0.5)
     );
+    let wall = pct(&mut s.api, 0.5);
+    let cpu = pct(&mut s.cpu, 0.5);
+    println!(
+        "      process CPU per epoch p50: {cpu:.0} ms = {:.2} cores busy; {:.1} us per agent",
+        cpu / wall,
+        cpu * 1e3 / n as f64
+    );
+    println!(
+        "        of which the coordinator's threads: {:.0} ms (the rest: simulated agents)",
+        pct(&mut s.coord_cpu, 0.5)
+    );
+    println!(
+        "      TCP segments sent per epoch per agent p50 (both sides, this netns): {:.1}",
+        pct_count(&mut s.segments, 0.5) / n as f64
+    );
     println!("  heap, bytes per agent:");
     println!(
         "    coordinator, idle sessions:                 {:8.0}",
@@ -394,6 +358,94 @@ fn bench(
     Ok(())
 }
 
+/// Removes a directory tree when dropped (also when the benchmark fails).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!("ckpt-bench-control: removing {}: {e}", self.0.display());
+            }
+        }
+    }
+}
+
+/// The manifest commit of an `n`-node epoch alone, as the real daemon does
+/// it: [`StoreWriter`] over an image store in `dir` (validation, a stat of
+/// every image file, JSON + keyed-BLAKE3 MAC, write, fsync, rename,
+/// `LATEST`). The image files exist with their manifest sizes (sparse,
+/// created before the clock starts). `reps` commits.
+fn manifest_commit(n: usize, reps: usize, dir: &Path) -> anyhow::Result<()> {
+    let root = dir.join(format!("ckpt-bench-manifest-{}", std::process::id()));
+    let _cleanup = RemoveOnDrop(root.clone());
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let key = Key::from_bytes([7; 32]);
+    let writer = StoreWriter::new(ImageStore::new(&root), key.clone());
+    let images = (0..n)
+        .map(|k| {
+            let node = format!("node{k:05}");
+            node_image_from_wire(fake_image(&node), &node)
+                .with_context(|| format!("the simulated image of {node}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (mut validate, mut encode, mut commit, mut bytes) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    for _ in 0..reps {
+        let begun = writer.begin("bench", 0, 0).context("beginning an epoch")?;
+        for f in images.iter().flat_map(|i| &i.files) {
+            let path = begun.dir.join(&f.name);
+            std::fs::File::create(&path)
+                .and_then(|file| file.set_len(f.size))
+                .with_context(|| format!("creating {}", path.display()))?;
+        }
+        let manifest = Manifest {
+            format: FORMAT_VERSION,
+            job: "bench".into(),
+            epoch: begun.epoch,
+            created_unix: 1_700_000_000,
+            owner_uid: 0,
+            owner_gid: 0,
+            criu_version: "4.1.1".into(),
+            command: vec!["mpirun".into(), "./app".into()],
+            cwd: "/".into(),
+            mode: CheckpointMode::Continue,
+            nodes: images.clone(),
+            timings: Timings::default(),
+        };
+        let t = Instant::now();
+        manifest.validate().context("validating the manifest")?;
+        validate.push(t.elapsed());
+        let t = Instant::now();
+        bytes = manifest.encode(&key).len();
+        encode.push(t.elapsed());
+        let t = Instant::now();
+        writer
+            .commit(&manifest)
+            .map_err(anyhow::Error::msg)
+            .context("committing")?;
+        commit.push(t.elapsed());
+    }
+    println!(
+        "  manifest of {n} nodes ({:.1} MiB) alone, {reps} commits into {} (ms p50):",
+        bytes as f64 / (1 << 20) as f64,
+        dir.display()
+    );
+    println!(
+        "    validation alone (names, digests, duplicates):          {:8.2}",
+        pct(&mut validate, 0.5)
+    );
+    println!(
+        "    encode + MAC alone, in memory:                          {:8.2}",
+        pct(&mut encode, 0.5)
+    );
+    println!(
+        "    StoreWriter commit (+ validation, {} stats, write, fsync, rename): {:8.2}",
+        2 * n,
+        pct(&mut commit, 0.5)
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<usize> = std::env::args()
         .skip(1)
@@ -422,10 +474,18 @@ fn main() -> ExitCode {
     let open_now = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
     println!("  descriptors open at start: {open_now}; {FD_RESERVE} reserved besides the agents'");
     let fit = (limit.saturating_sub(FD_RESERVE) / FDS_PER_AGENT) as usize;
+    // 0 skips the manifest measurement.
+    let manifest_reps = std::env::var("CKPT_BENCH_MANIFEST_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let manifest_dir =
+        std::env::var_os("CKPT_BENCH_DIR").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
     for (n, epochs) in runs {
         if epochs == 0 {
             continue;
         }
+        let nominal = n;
         let n = if n > fit {
             println!(
                 "\n{n} agents need {} descriptors; the limit is {limit}: measuring {fit} instead",
@@ -438,6 +498,12 @@ fn main() -> ExitCode {
         if let Err(e) = bench(n, epochs, coord_threads, agent_threads) {
             eprintln!("ckpt-bench-control: {n} agents: {e:#}");
             return ExitCode::FAILURE;
+        }
+        if manifest_reps > 0 {
+            if let Err(e) = manifest_commit(nominal, manifest_reps, &manifest_dir) {
+                eprintln!("ckpt-bench-control: manifest of {nominal} nodes: {e:#}");
+                return ExitCode::FAILURE;
+            }
         }
     }
     ExitCode::SUCCESS

@@ -14,6 +14,8 @@ use crate::epoch::{
     Action, AgentMsg, Epoch, EpochSpec, Event, Handled, Ignored, Outcome, Roster, Verdict,
 };
 
+use super::registry::{AgentReport, DueCheckpoint, JobRegistry, JobView, RegistryFile};
+use super::remote_spawn::{Outgoing, RemoteMsg, RemoteSpawns};
 use super::restart::{
     RestartAction, RestartError, RestartEvent, RestartOutcome, RestartRequest, RestartRun,
 };
@@ -59,6 +61,16 @@ pub(crate) enum Inbound {
         epoch: u64,
         msg: RestartReply,
     },
+    /// A remote spawn to route (remote_spawn.rs).
+    Remote {
+        conn: ConnId,
+        msg: RemoteMsg,
+    },
+    /// A tree report or progress for the job registry.
+    Registry {
+        conn: ConnId,
+        report: AgentReport,
+    },
     /// A session ended.
     Closed {
         conn: ConnId,
@@ -94,6 +106,35 @@ pub(crate) enum Request {
     },
     Shutdown {
         reply: Reply<()>,
+    },
+    /// The registry: one job, every job, schedules.
+    Job {
+        job: String,
+        reply: Reply<Option<JobView>>,
+    },
+    Jobs {
+        reply: Reply<Vec<JobView>>,
+    },
+    Schedule {
+        job: String,
+        interval: std::time::Duration,
+        keep: u32,
+        reply: Reply<bool>,
+    },
+    Due {
+        reply: Reply<Vec<DueCheckpoint>>,
+    },
+    /// A checkpoint of a known job that did not start.
+    FailedToStart {
+        job: String,
+        error: String,
+    },
+    /// Registers a job named by root with its nodes (no-op if known).
+    Ensure {
+        job: String,
+        uid: u32,
+        gid: u32,
+        nodes: Vec<String>,
     },
 }
 
@@ -146,6 +187,12 @@ struct Actor {
     events: VecDeque<(String, Event)>,
     out: Vec<Action>,
     shutting_down: bool,
+    /// Jobs, owners, trees, epochs (registry.rs); its persisted part goes
+    /// to `persist` whenever it changes.
+    reg: JobRegistry,
+    persist: Option<tokio::sync::watch::Sender<RegistryFile>>,
+    /// Remote spawns waiting for the target node's answer.
+    remote: RemoteSpawns,
 }
 
 /// The coordinator task.
@@ -153,6 +200,8 @@ pub(crate) async fn run(
     mut rx: mpsc::Receiver<Inbound>,
     inbox: mpsc::WeakSender<Inbound>,
     writer: Arc<dyn ManifestWriter>,
+    reg: JobRegistry,
+    persist: Option<tokio::sync::watch::Sender<RegistryFile>>,
 ) {
     let mut a = Actor {
         sessions: HashMap::new(),
@@ -166,6 +215,9 @@ pub(crate) async fn run(
         events: VecDeque::new(),
         out: Vec::new(),
         shutting_down: false,
+        reg,
+        persist,
+        remote: RemoteSpawns::default(),
     };
     loop {
         let msg = match a.next_deadline() {
@@ -182,7 +234,13 @@ pub(crate) async fn run(
             None => rx.recv().await,
         };
         let Some(msg) = msg else { break };
-        if a.handle(msg) {
+        let stop = a.handle(msg);
+        if a.reg.take_dirty() {
+            if let Some(p) = &a.persist {
+                p.send_replace(a.reg.snapshot());
+            }
+        }
+        if stop {
             break;
         }
     }
@@ -224,6 +282,18 @@ impl Actor {
                 epoch,
                 msg,
             } => self.restart_reply(conn, job, epoch, msg),
+            Inbound::Remote { conn, msg } => {
+                if let Some(node) = self.conns.get(&conn).cloned() {
+                    let connected: Vec<&str> = self.sessions.keys().map(|n| &**n).collect();
+                    let out = self.remote.handle(&node, msg, &connected);
+                    self.send_remote(out);
+                }
+            }
+            Inbound::Registry { conn, report } => {
+                if let Some(node) = self.conns.get(&conn).cloned() {
+                    self.reg.apply(&node, report);
+                }
+            }
             Inbound::Closed { conn, reason } => {
                 if let Some(node) = self.conns.get(&conn).cloned() {
                     self.drop_session(&node, reason, false);
@@ -274,6 +344,9 @@ impl Actor {
             return;
         };
         self.conns.remove(&s.conn);
+        self.reg.disconnected(node);
+        let out = self.remote.lost(node);
+        self.send_remote(out);
         let in_epoch = self.lose(node);
         if in_epoch {
             tracing::warn!(node, session = %s.session, %reason, "agent lost during an epoch");
@@ -282,6 +355,20 @@ impl Actor {
         }
         if tell {
             let _ = s.close.send(reason);
+        }
+    }
+
+    /// Sends remote-spawn frames; one that cannot be queued is dropped (the
+    /// asking agent's wait times out).
+    fn send_remote(&mut self, out: Outgoing) {
+        for (node, frame) in out {
+            let sent = self
+                .sessions
+                .get(&*node)
+                .is_some_and(|s| s.tx.try_send(wire::encode(&frame)).is_ok());
+            if !sent {
+                tracing::warn!(node, kind = frame.kind(), "remote spawn frame not sent");
+            }
         }
     }
 
@@ -443,6 +530,40 @@ impl Actor {
             Request::Refusals { reply } => {
                 let _ = reply.send(self.refusals.iter().cloned().collect());
             }
+            Request::Job { job, reply } => {
+                let _ = reply.send(self.job_view(&job));
+            }
+            Request::Jobs { reply } => {
+                let views = self
+                    .reg
+                    .names()
+                    .iter()
+                    .filter_map(|j| self.job_view(j))
+                    .collect();
+                let _ = reply.send(views);
+            }
+            Request::Schedule {
+                job,
+                interval,
+                keep,
+                reply,
+            } => {
+                let _ = reply.send(self.reg.schedule(&job, interval, keep, Instant::now()));
+            }
+            Request::Due { reply } => {
+                let (jobs, restarts) = (&self.jobs, &self.restarts);
+                let busy = |job: &str| {
+                    restarts.contains_key(job) || jobs.get(job).is_some_and(|j| j.running.is_some())
+                };
+                let _ = reply.send(self.reg.due(Instant::now(), busy));
+            }
+            Request::FailedToStart { job, error } => self.reg.failed_to_start(&job, error),
+            Request::Ensure {
+                job,
+                uid,
+                gid,
+                nodes,
+            } => self.reg.ensure(&job, uid, gid, &nodes),
             Request::Shutdown { reply } => {
                 self.shutting_down = true;
                 let jobs: Vec<String> = self
@@ -799,11 +920,30 @@ impl Actor {
                         job, epoch = outcome.epoch, %phase, %reason, "epoch aborted"
                     ),
                 }
+                let error = match &outcome.verdict {
+                    Verdict::Committed => None,
+                    Verdict::Aborted { phase, reason } => Some(format!(
+                        "epoch {} aborted in {phase}: {reason}",
+                        outcome.epoch
+                    )),
+                };
+                self.reg.epoch_done(job, outcome.epoch, error);
                 if let Some(reply) = run.reply.take() {
                     let _ = reply.send(Ok(*outcome));
                 }
             }
         }
+    }
+
+    fn job_view(&self, job: &str) -> Option<JobView> {
+        let running = self
+            .jobs
+            .get(job)
+            .and_then(|j| j.running.as_ref())
+            .map(|r| r.epoch.number());
+        let restarting = self.restarts.get(job).map(|r| r.run.epoch());
+        self.reg
+            .view(job, running, restarting, |n| self.sessions.contains_key(n))
     }
 
     fn next_deadline(&self) -> Option<Instant> {

@@ -73,7 +73,10 @@
 //! [`auth::handshake_server`]: ckpt_protocol::auth::handshake_server
 
 mod actor;
+mod addresses;
 mod control;
+pub mod registry;
+pub mod remote_spawn;
 mod restart;
 mod session;
 pub mod sim;
@@ -101,6 +104,7 @@ use crate::store::StoreError;
 
 use actor::{Inbound, Request};
 
+pub use addresses::{AddressError, Addresses};
 pub use control::ControlServer;
 pub use restart::{
     RestartError, RestartOutcome, RestartPhase, RestartRequest, RestartTimeouts, RestartedNode,
@@ -131,6 +135,9 @@ pub struct CoordinatorConfig {
     /// Events waiting for the coordinator task (backpressure onto the
     /// session tasks, hence onto the sockets, when it falls behind).
     pub inbox_depth: usize,
+    /// Job-stable addresses (`job_network`); None: agents are told there
+    /// is no job network.
+    pub addresses: Option<Arc<Addresses>>,
 }
 
 impl Default for CoordinatorConfig {
@@ -145,6 +152,7 @@ impl Default for CoordinatorConfig {
             write_timeout: Duration::from_secs(10),
             max_frame: MAX_FRAME,
             inbox_depth: 8192,
+            addresses: None,
         }
     }
 }
@@ -359,7 +367,26 @@ impl Coordinator {
         config: CoordinatorConfig,
         writer: Arc<dyn ManifestWriter>,
     ) -> Result<Coordinator, StartError> {
+        Self::start_with_registry(listener, key, config, writer, BTreeMap::new(), None)
+    }
+
+    /// [`Coordinator::start`] knowing `jobs` (see [`registry::load`]); with
+    /// a `state_dir`, the registry is saved there whenever it changes.
+    pub fn start_with_registry(
+        listener: TcpListener,
+        key: Key,
+        config: CoordinatorConfig,
+        writer: Arc<dyn ManifestWriter>,
+        jobs: BTreeMap<String, registry::JobRecord>,
+        state_dir: Option<std::path::PathBuf>,
+    ) -> Result<Coordinator, StartError> {
         config.check()?;
+        let reg = registry::JobRegistry::new(jobs);
+        let persist = state_dir.map(|dir| {
+            let (ptx, prx) = tokio::sync::watch::channel(reg.snapshot());
+            tokio::spawn(registry::persist_task(dir, prx));
+            ptx
+        });
         let addr = listener.local_addr().map_err(StartError::Listener)?;
         let (tx, rx) = mpsc::channel(config.inbox_depth);
         let shared = Arc::new(session::Shared {
@@ -368,7 +395,7 @@ impl Coordinator {
             config: config.clone(),
         });
         tokio::spawn(session::accept_loop(listener, shared, tx.clone()));
-        tokio::spawn(actor::run(rx, tx.downgrade(), writer));
+        tokio::spawn(actor::run(rx, tx.downgrade(), writer, reg, persist));
         tracing::info!(%addr, name = %config.name, "coordinator listening");
         Ok(Coordinator { inbox: tx, addr })
     }
@@ -546,6 +573,62 @@ impl Coordinator {
         self.ask(|reply| Request::Nodes { reply })
             .await
             .unwrap_or_default()
+    }
+
+    /// One job of the registry.
+    pub async fn job(&self, job: &str) -> Option<registry::JobView> {
+        let job = job.to_owned();
+        self.ask(|reply| Request::Job { job, reply })
+            .await
+            .flatten()
+    }
+
+    /// Every job of the registry, by name.
+    pub async fn jobs(&self) -> Vec<registry::JobView> {
+        self.ask(|reply| Request::Jobs { reply })
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Sets `job`'s periodic checkpoints; false if the job is unknown.
+    pub async fn schedule(&self, job: &str, interval: Duration, keep: u32) -> bool {
+        let job = job.to_owned();
+        self.ask(|reply| Request::Schedule {
+            job,
+            interval,
+            keep,
+            reply,
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// The periodic checkpoints due now (each is rescheduled).
+    pub async fn due(&self) -> Vec<registry::DueCheckpoint> {
+        self.ask(|reply| Request::Due { reply })
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Counts a checkpoint of `job` that did not start (see
+    /// [`registry::JobRegistry::failed_to_start`]).
+    pub async fn checkpoint_not_started(&self, job: &str, error: String) {
+        let req = Request::FailedToStart {
+            job: job.to_owned(),
+            error,
+        };
+        let _ = self.inbox.send(Inbound::Request(req)).await;
+    }
+
+    /// Registers `job` (if unknown) as owned by `uid`/`gid` on `nodes`.
+    pub async fn ensure_job(&self, job: &str, uid: u32, gid: u32, nodes: Vec<String>) {
+        let req = Request::Ensure {
+            job: job.to_owned(),
+            uid,
+            gid,
+            nodes,
+        };
+        let _ = self.inbox.send(Inbound::Request(req)).await;
     }
 
     /// The latest refused connections, oldest first.

@@ -219,6 +219,33 @@ impl Session<'_> {
                         return Err("the coordinator stopped".into());
                     }
                 }
+                FromAgent::Registry(report) => {
+                    let event = Inbound::Registry {
+                        conn: self.conn,
+                        report,
+                    };
+                    if self.inbox.send(event).await.is_err() {
+                        return Err("the coordinator stopped".into());
+                    }
+                }
+                FromAgent::Remote(msg) => {
+                    let event = Inbound::Remote {
+                        conn: self.conn,
+                        msg,
+                    };
+                    if self.inbox.send(event).await.is_err() {
+                        return Err("the coordinator stopped".into());
+                    }
+                }
+                FromAgent::Address(req) => {
+                    // Rare (one per tree start or restore) and a small
+                    // fsynced write: answered here, not by the actor.
+                    let grant = match &self.shared.config.addresses {
+                        Some(a) => a.answer(&req),
+                        None => super::addresses::no_network(&req),
+                    };
+                    self.write(&wire::encode(&grant.into())).await?;
+                }
                 FromAgent::Note { kind } => {
                     tracing::debug!(node = %self.node, kind, "agent note");
                 }

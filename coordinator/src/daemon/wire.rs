@@ -129,6 +129,12 @@ pub enum FromAgent {
     },
     /// Informational: logged, nothing to decide.
     Note { kind: &'static str },
+    /// A job address to grant (answered by the session itself).
+    Address(pb::AddressRequest),
+    /// For the job registry (tree reports, heartbeat progress).
+    Registry(super::registry::AgentReport),
+    /// A remote spawn (`ckpt-job rsh`) to route.
+    Remote(super::remote_spawn::RemoteMsg),
     /// A frame an agent must not send: the session is closed.
     Violation(String),
 }
@@ -188,7 +194,18 @@ pub fn from_agent(frame: pb::Frame, peer: &str) -> FromAgent {
         return FromAgent::Violation("an empty frame".into());
     };
     let (job, epoch, msg) = match body {
-        Body::Heartbeat(_) => return FromAgent::Heartbeat,
+        Body::AddressRequest(m) => return FromAgent::Address(m),
+        Body::Heartbeat(h) => {
+            return super::registry::AgentReport::progress(&h)
+                .map_or(FromAgent::Heartbeat, FromAgent::Registry)
+        }
+        Body::TreeStarted(m) => return registry_report(super::registry::AgentReport::started(m)),
+        Body::TreeExited(m) => return registry_report(super::registry::AgentReport::exited(m)),
+        Body::TreeList(m) => return registry_report(super::registry::AgentReport::list(m)),
+        Body::RemoteSpawn(m) => return FromAgent::Remote(super::remote_spawn::RemoteMsg::Spawn(m)),
+        Body::RemoteSpawned(m) => {
+            return FromAgent::Remote(super::remote_spawn::RemoteMsg::Spawned(m))
+        }
         Body::Ready(m) => (m.job, m.epoch, AgentMsg::Ready),
         Body::Fail(m) => {
             let phase = pb::Phase::try_from(m.phase)
@@ -263,11 +280,16 @@ pub fn from_agent(frame: pb::Frame, peer: &str) -> FromAgent {
         | Body::EpochCommitted(_)
         | Body::Abort(_)
         | Body::RestoreTree(_)
-        | Body::Resume(_) => {
+        | Body::Resume(_)
+        | Body::AddressGrant(_) => {
             return FromAgent::Violation(format!("{kind} is not a message an agent sends here"))
         }
     };
     FromAgent::Epoch { job, epoch, msg }
+}
+
+fn registry_report(r: Result<super::registry::AgentReport, String>) -> FromAgent {
+    r.map_or_else(FromAgent::Violation, FromAgent::Registry)
 }
 
 /// Frames read from a byte stream, in a way that may be cancelled at any
@@ -324,12 +346,22 @@ impl FrameReader {
     where
         R: AsyncRead + Unpin + ?Sized,
     {
+        self.reserve(max)?;
+        let n = r.read_buf(&mut self.buf).await?;
+        self.got(n, max)
+    }
+
+    fn reserve(&mut self, max: usize) -> Result<(), FrameError> {
         let want = match self.announced(max)? {
             Some(len) => (4 + len).saturating_sub(self.buf.len()).min(MAX_RESERVE),
             None => MIN_READ,
         };
         self.buf.reserve(want.max(MIN_READ));
-        let n = r.read_buf(&mut self.buf).await?;
+        Ok(())
+    }
+
+    /// Judges a read of `n` bytes into the buffer.
+    fn got(&mut self, n: usize, max: usize) -> Result<(), FrameError> {
         if n == 0 {
             if self.buf.is_empty() {
                 return Err(FrameError::Closed);

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use ckpt_agent::config::{AgentFile, DEFAULT_PATH};
 use ckpt_agent::daemon::AgentDaemon;
+use ckpt_protocol::config_file::check_node_name;
 use ckpt_protocol::manifest::Key;
 use ckpt_protocol::report::error_chain;
 use clap::Parser;
@@ -25,6 +26,10 @@ struct Args {
     /// The agent's config (see configs/agent.toml).
     #[arg(long, short, default_value = DEFAULT_PATH)]
     config: PathBuf,
+    /// This node's name; overrides the config's `node` (the SSH launcher
+    /// passes the hostfile's `node=`).
+    #[arg(long)]
+    node: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -46,7 +51,15 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<()> {
-    let file = AgentFile::from_file(&args.config)?;
+    let mut file = AgentFile::from_file(&args.config)?;
+    if let Some(node) = args.node {
+        check_node_name(&node).map_err(|e| anyhow::anyhow!("--node {node:?}: {e}"))?;
+        file.node = Some(node);
+    }
+    // One agent per node: a second one (a repeated SSH launch, an admin's
+    // mistake) would fight the first over the trees and the coordinator's
+    // session for the node.
+    let _lock = lock_state_dir(&file.state_dir)?;
     let coordinator = file
         .coordinator_addr()
         .context("the config names no coordinator address")?;
@@ -89,4 +102,45 @@ fn run(args: Args) -> Result<()> {
         tracing::info!(%node, "ckpt-agent stopped");
         Ok(())
     })
+}
+
+/// Takes `<state_dir>/agent.lock` (flock, held for the process's life) and
+/// writes our pid into it; fails, naming the holder, if another agent runs.
+fn lock_state_dir(state_dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)
+        .with_context(|| format!("creating state_dir {}", state_dir.display()))?;
+    let path = state_dir.join("agent.lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mut file = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+    {
+        Ok(locked) => locked,
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            anyhow::bail!(
+                "another ckpt-agent (pid {}) is running with state_dir {}",
+                holder.trim(),
+                state_dir.display()
+            );
+        }
+        Err((_, e)) => return Err(e).with_context(|| format!("locking {}", path.display())),
+    };
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(file)
 }

@@ -179,7 +179,10 @@ impl Swrk {
         unsafe {
             cmd.pre_exec(move || child_setup(&keep, &cgroup_procs));
         }
-        let child = cmd.spawn().map_err(|source| CriuError::Spawn {
+        // On the forker thread: a restore makes the restored tree a child
+        // of swrk's parent thread, and the tree's parent-death signal must
+        // not fire when some short-lived thread exits (see crate::forker).
+        let child = crate::forker::run(move || cmd.spawn()).map_err(|source| CriuError::Spawn {
             op,
             bin: bin.to_path_buf(),
             source,

@@ -33,6 +33,7 @@ impl AgentDaemon {
     /// Serves the local control socket at `path` (threads; no runtime).
     pub fn serve_control(&self, path: &Path) -> std::io::Result<ControlServer> {
         let shared = self.shared.clone();
+        shared.remote.set_socket(path);
         ControlServer::serve(path, move |conn| {
             if let Err(e) = handle(&shared, conn) {
                 tracing::debug!(node = %shared.cfg.node, error = %e, "control connection ended");
@@ -71,9 +72,12 @@ fn handle(shared: &Shared, conn: UnixStream) -> Result<(), FrameError> {
     } else {
         match req.op {
             Some(pb::request::Op::SpawnTree(s)) => spawn(shared, cred.uid(), cred.gid(), s),
+            Some(pb::request::Op::RemoteSpawn(r)) => {
+                super::remote::request(shared, cred.pid(), cred.uid(), cred.gid(), r)
+            }
             Some(_) => error_reply(
                 pb::ErrorKind::BadRequest,
-                "a node agent only takes spawn_tree requests",
+                "a node agent only takes spawn_tree and remote_spawn requests",
             ),
             None => error_reply(pb::ErrorKind::BadRequest, "empty request"),
         }
@@ -103,8 +107,50 @@ fn spawn(shared: &Shared, uid: u32, gid: u32, s: pb::SpawnTreeRequest) -> pb::Re
             "permission denied: only root may choose where a tree's output goes",
         );
     }
+    let order = TreeOrder {
+        job: s.job,
+        argv: s.argv,
+        cwd: s.cwd,
+        env: s.env,
+        uid: owner_uid,
+        gid: owner_gid,
+        groups: Vec::new(),
+        host_network: s.host_network,
+        stdout: s.stdout,
+        stderr: s.stderr,
+    };
+    match start_tree(shared, order) {
+        Ok(t) => pb::Response {
+            body: Some(pb::response::Body::TreeSpawned(t)),
+        },
+        Err(e) => error_reply(pb::ErrorKind::Failed, e),
+    }
+}
+
+/// A tree to start, its caller judged already (a spawn_tree caller by its
+/// credentials, a remote spawn by its agent).
+#[derive(Debug)]
+pub(super) struct TreeOrder {
+    pub job: String,
+    pub argv: Vec<String>,
+    /// Absolute; empty = "/".
+    pub cwd: String,
+    /// "NAME=value" entries.
+    pub env: Vec<String>,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub host_network: bool,
+    /// Empty: a fresh file under the state dir.
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Starts the tree `s` asks for; the error names what was wrong.
+pub(super) fn start_tree(shared: &Shared, s: TreeOrder) -> Result<pb::TreeSpawned, String> {
+    let node = &shared.cfg.node;
     if s.argv.is_empty() {
-        return error_reply(pb::ErrorKind::BadRequest, "spawn_tree: empty argv");
+        return Err("spawn_tree: empty argv".into());
     }
     let cwd = if s.cwd.is_empty() {
         "/".into()
@@ -112,18 +158,12 @@ fn spawn(shared: &Shared, uid: u32, gid: u32, s: pb::SpawnTreeRequest) -> pb::Re
         s.cwd.clone()
     };
     if !Path::new(&cwd).is_absolute() {
-        return error_reply(
-            pb::ErrorKind::BadRequest,
-            format!("spawn_tree: cwd {cwd:?} is not absolute"),
-        );
+        return Err(format!("spawn_tree: cwd {cwd:?} is not absolute"));
     }
     let mut env = Vec::new();
     for e in &s.env {
         let Some((k, v)) = e.split_once('=') else {
-            return error_reply(
-                pb::ErrorKind::BadRequest,
-                format!("spawn_tree: env entry {e:?} is not NAME=value"),
-            );
+            return Err(format!("spawn_tree: env entry {e:?} is not NAME=value"));
         };
         env.push((OsString::from(k), OsString::from(v)));
     }
@@ -136,8 +176,9 @@ fn spawn(shared: &Shared, uid: u32, gid: u32, s: pb::SpawnTreeRequest) -> pb::Re
     );
     args.cwd = PathBuf::from(cwd);
     args.env = env;
-    args.uid = owner_uid;
-    args.gid = owner_gid;
+    args.uid = s.uid;
+    args.gid = s.gid;
+    args.groups = s.groups.clone();
     args.net = if s.host_network {
         NetMode::Host
     } else {
@@ -156,25 +197,29 @@ fn spawn(shared: &Shared, uid: u32, gid: u32, s: pb::SpawnTreeRequest) -> pb::Re
         PathBuf::from(&s.stderr)
     };
     if let Err(e) = std::fs::create_dir_all(&out_dir) {
-        return error_reply(
-            pb::ErrorKind::Failed,
-            format!("creating {}: {e}", out_dir.display()),
-        );
+        return Err(format!("creating {}: {e}", out_dir.display()));
     }
+    if !s.host_network {
+        args.jobnet = shared.new_tree_net(&s.job)?;
+    }
+    let address = args
+        .jobnet
+        .as_ref()
+        .map(|n| n.address().to_string())
+        .unwrap_or_default();
     match shared.registry.spawn(&s.job, &args) {
         Ok(id) => {
             let pid = shared.registry.get(id).map_or(0, |t| t.handle.root_pid);
-            tracing::info!(%node, job = %s.job, tree = id, pid, uid = owner_uid, "tree started on request");
-            pb::Response {
-                body: Some(pb::response::Body::TreeSpawned(pb::TreeSpawned {
-                    tree_id: id,
-                    root_pid: pid,
-                    stdout: args.stdout.display().to_string(),
-                    stderr: args.stderr.display().to_string(),
-                })),
-            }
+            tracing::info!(%node, job = %s.job, tree = id, pid, uid = s.uid, "tree started on request");
+            Ok(pb::TreeSpawned {
+                tree_id: id,
+                root_pid: pid,
+                stdout: args.stdout.display().to_string(),
+                stderr: args.stderr.display().to_string(),
+                address,
+            })
         }
-        Err(e) => error_reply(pb::ErrorKind::Failed, e.to_string()),
+        Err(e) => Err(e.to_string()),
     }
 }
 

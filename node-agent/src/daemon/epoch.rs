@@ -244,7 +244,7 @@ impl JobTask {
                     job: self.job.clone(),
                     epoch,
                     drain_ms: done.drain_ms,
-                    lock_ms: 0.0,
+                    lock_ms: done.lock_ms,
                     freeze_ms: done.freeze_ms,
                 });
             }

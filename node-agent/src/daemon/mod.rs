@@ -18,7 +18,10 @@
 
 mod control;
 mod epoch;
+mod net;
 mod ops;
+mod remote;
+mod report;
 mod restore;
 mod trees;
 
@@ -115,6 +118,10 @@ pub(crate) struct Shared {
     out: Mutex<Option<mpsc::UnboundedSender<pb::Frame>>>,
     status: Mutex<Status>,
     connected: AtomicBool,
+    /// Remote spawns (`ckpt-job rsh`) waiting for an answer.
+    remote: remote::Remote,
+    /// Job-network address requests and this node's part of the network.
+    net: net::NetState,
 }
 
 impl std::fmt::Debug for Shared {
@@ -184,6 +191,8 @@ impl AgentDaemon {
             out: Mutex::new(None),
             status: Mutex::new(Status::default()),
             connected: AtomicBool::new(false),
+            remote: remote::Remote::default(),
+            net: net::NetState::default(),
             cfg,
         });
         let stop = Arc::new(Notify::new());
@@ -310,7 +319,9 @@ async fn session(
         }
     });
     let (out_tx, mut out_rx) = mpsc::unbounded_channel();
-    *lock(&shared.out) = Some(out_tx);
+    let mut reporter = report::Reporter::default();
+    let _ = out_tx.send(reporter.full(&shared.registry));
+    *lock(&shared.out) = Some(out_tx.clone());
     shared.connected.store(true, Ordering::SeqCst);
     let interval = sess.heartbeat_interval;
     let liveness = interval.saturating_mul(cfg.heartbeat_misses.max(1));
@@ -324,8 +335,17 @@ async fn session(
                 if last_heard.elapsed() > liveness {
                     break format!("nothing from the coordinator for {} ms", liveness.as_millis());
                 }
+                for f in reporter.changes(&shared.registry) {
+                    let _ = out_tx.send(f);
+                }
                 seq += 1;
                 heartbeat(shared, seq)
+            }
+            () = shared.registry.changed.notified() => {
+                for f in reporter.changes(&shared.registry) {
+                    let _ = out_tx.send(f);
+                }
+                continue;
             }
             got = in_rx.recv() => match got {
                 Some(Ok(frame)) => {
@@ -380,6 +400,10 @@ fn dispatch(
     };
     match (body, job) {
         (Body::Heartbeat(_), _) => Ok(()),
+        (Body::AddressGrant(g), _) => {
+            shared.address_granted(g);
+            Ok(())
+        }
         (Body::Reject(r), _) => Err(format!("rejected by the coordinator: {}", r.reason)),
         (
             body @ (Body::Prepare(_)
@@ -397,6 +421,14 @@ fn dispatch(
                 tx
             });
             let _ = tx.send(Cmd::Frame(body));
+            Ok(())
+        }
+        (Body::RemoteSpawn(s), _) => {
+            remote::spawn_for(shared.clone(), s);
+            Ok(())
+        }
+        (Body::RemoteSpawned(a), _) => {
+            remote::answered(shared, a);
             Ok(())
         }
         _ => {

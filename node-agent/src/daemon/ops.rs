@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ckpt_protocol::manifest::{FileDigest, NodeImage};
+use ckpt_protocol::manifest::{FileDigest, NetMode as ImageNet, NodeImage};
 
 use crate::capture::CaptureRules;
 use crate::checkpoint::{self, DumpHooks, DumpRequest};
@@ -27,6 +27,7 @@ pub(crate) fn ms(d: Duration) -> f64 {
 /// PREPARE's result.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Prepared {
+    pub lock_ms: f64,
     pub freeze_ms: f64,
     pub drain_ms: f64,
 }
@@ -42,9 +43,22 @@ pub(crate) fn prepare(trees: &[Arc<Tree>], freeze_timeout: Duration) -> Result<P
             return Err(format!("tree {} has already exited (status {code})", t.id));
         }
     }
+    // The network lock comes first (DESIGN.md): once every node is READY,
+    // no packet of the job crosses the cut.
+    let tl = Instant::now();
+    for t in trees {
+        if let Some(n) = t.net() {
+            if let Err(e) = n.lock() {
+                unlock(trees);
+                return Err(format!("tree {}: {e}", t.id));
+            }
+        }
+    }
+    let lock_ms = ms(tl.elapsed());
     let t0 = Instant::now();
     for (i, t) in trees.iter().enumerate() {
         if let Err(e) = t.freezer.freeze(freeze_timeout) {
+            unlock(trees);
             thaw(&trees[..=i]);
             return Err(format!("freezing tree {}: {e}", t.id));
         }
@@ -67,13 +81,27 @@ pub(crate) fn prepare(trees: &[Arc<Tree>], freeze_timeout: Duration) -> Result<P
         }
     }
     Ok(Prepared {
+        lock_ms,
         freeze_ms,
         drain_ms: ms(td.elapsed()),
     })
 }
 
-/// Thaws every tree; failures are logged (a tree that is gone is thawed).
+/// Removes the network lock of every tree; failures are logged.
+pub(crate) fn unlock(trees: &[Arc<Tree>]) {
+    for t in trees {
+        if let Some(n) = t.net() {
+            if let Err(e) = n.unlock() {
+                tracing::error!(job = %t.job, tree = t.id, error = %e, "cannot unlock the tree's network");
+            }
+        }
+    }
+}
+
+/// Unlocks and thaws every tree; failures are logged (a tree that is gone
+/// is thawed).
 pub(crate) fn thaw(trees: &[Arc<Tree>]) {
+    unlock(trees);
     for t in trees {
         if let Err(e) = t.freezer.thaw() {
             tracing::error!(job = %t.job, tree = t.id, error = %e, "cannot thaw the tree");
@@ -154,7 +182,14 @@ pub(crate) fn dump(
             out.image.files.push(digest(dir, name)?);
         }
         out.digest_ms += ms(td.elapsed());
-        out.image.trees.push(r.image);
+        let mut image = r.image;
+        if let (Some(n), ImageNet::Private { key }) = (t.net(), &image.net) {
+            image.net = ImageNet::Job {
+                key: key.clone(),
+                address: n.address().to_string(),
+            };
+        }
+        out.image.trees.push(image);
     }
     Ok(out)
 }

@@ -25,6 +25,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
+use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -41,6 +42,7 @@ use crate::checkpoint;
 use crate::criu::{NotifyEvent, NotifyHandler};
 use crate::freezer::{CgroupFreezer, Freezer};
 use crate::images::opened::OpenedImage;
+use crate::jobnet::TreeNet;
 use crate::restore::{self as single, RestoreRequest};
 use crate::tree::NetMode;
 
@@ -287,7 +289,10 @@ pub(super) fn restore_node(
     let tr = Instant::now();
     let mut done: Vec<Arc<Tree>> = Vec::new();
     for img in &node.trees {
-        match restore_one(shared, job, epoch, dir, node, img, &opened, &mut gate) {
+        let owner = (manifest.owner_uid, manifest.owner_gid);
+        match restore_one(
+            shared, job, epoch, dir, node, img, &opened, &mut gate, owner,
+        ) {
             Ok(t) => done.push(t),
             Err(e) => {
                 ops::kill(&done);
@@ -318,11 +323,13 @@ fn restore_one(
     img: &TreeImage,
     opened: &OpenedImage,
     gate: &mut PagesGate,
+    owner: (u32, u32),
 ) -> Result<Arc<Tree>, String> {
     let reg: &Registry = &shared.registry;
     if let Some(d) = &img.init_dir {
         reg.wait_init_dir_free(Path::new(d), INIT_DIR_WAIT)?;
     }
+    let jobnet = job_netns(shared, job, img)?;
     let id = reg.next_id();
     let freezer = CgroupFreezer::create(&reg.cgroup_name(job, id))
         .map_err(|e| format!("creating its freezer cgroup: {e}"))?;
@@ -380,6 +387,7 @@ fn restore_one(
         freezer: &freezer,
         cgroups: Vec::new(),
         stdio: writers.iter().map(|(ino, fd)| (*ino, fd.as_fd())).collect(),
+        netns: jobnet.as_ref().map(|n| n.netns()),
     };
     let mut hold = Hold {
         gate,
@@ -419,7 +427,7 @@ fn restore_one(
             root_pid: pid,
             net: match img.net {
                 ImageNet::Host => NetMode::Host,
-                ImageNet::Private { .. } => NetMode::Private,
+                ImageNet::Private { .. } | ImageNet::Job { .. } => NetMode::Private,
             },
             init_dir: img.init_dir.as_ref().map(PathBuf::from),
             freezer,
@@ -431,6 +439,8 @@ fn restore_one(
                 image_node: node.node.clone(),
                 image_tree: img.id,
             },
+            owner,
+            jobnet,
         },
     );
     if !frozen {
@@ -441,6 +451,25 @@ fn restore_one(
     }
     tracing::info!(node = %shared.cfg.node, job, epoch, image_node = %node.node, tree = img.id, pid, "restored, frozen");
     Ok(tree)
+}
+
+/// For a tree with a job address: its namespace rebuilt here with the
+/// same address (the coordinator confirms the address is the job's),
+/// locked until the restart resumes.
+fn job_netns(shared: &Shared, job: &str, img: &TreeImage) -> Result<Option<Arc<TreeNet>>, String> {
+    let ImageNet::Job { address, .. } = &img.net else {
+        return Ok(None);
+    };
+    let addr: Ipv4Addr = address
+        .parse()
+        .map_err(|_| format!("job address {address:?} is not an IPv4 address"))?;
+    let g = shared.job_address(job, Some(addr))?.ok_or_else(|| {
+        format!("the tree had job address {addr}, but the coordinator has no job network")
+    })?;
+    let net = TreeNet::create(addr, &g.uplink, true)
+        .map_err(|e| format!("rebuilding its network namespace at {addr}: {e}"))?;
+    tracing::info!(node = %shared.cfg.node, job, address = %addr, veth = net.host_if(), "job address rebuilt, locked");
+    Ok(Some(Arc::new(net)))
 }
 
 /// How long held trees wait for RESUME: the coordinator waits at most the
@@ -548,9 +577,19 @@ impl JobTask {
         let downtime_ms = ms(h.restored_at.elapsed());
         let thawed = super::epoch::blocking(move || {
             for t in &trees {
+                if let Some(n) = t.net() {
+                    n.unlock()
+                        .map_err(|e| format!("restored tree {}: {e}", t.id))?;
+                }
                 t.freezer
                     .thaw()
                     .map_err(|e| format!("thawing restored tree {}: {e}", t.id))?;
+            }
+            // Peers may still map the addresses to the nodes they left.
+            for n in trees.iter().filter_map(|t| t.net()) {
+                if let Err(e) = n.announce() {
+                    tracing::warn!(address = %n.address(), error = %e, "cannot announce the moved address");
+                }
             }
             Ok::<_, String>(())
         })

@@ -23,6 +23,7 @@ use nix::unistd::Pid;
 
 use crate::checkpoint::TreeHandle;
 use crate::freezer::{CgroupFreezer, Freezer, FreezerError};
+use crate::jobnet::TreeNet;
 use crate::restore;
 use crate::tree::{self, NetMode, TreeSpec};
 
@@ -43,6 +44,9 @@ pub struct TreeArgs {
     /// 0600 if missing).
     pub stdout: PathBuf,
     pub stderr: PathBuf,
+    /// With `net` private: the prepared namespace with the tree's job
+    /// address (None: a fresh one with loopback only).
+    pub jobnet: Option<Arc<TreeNet>>,
 }
 
 impl TreeArgs {
@@ -62,6 +66,7 @@ impl TreeArgs {
             net: NetMode::Private,
             stdout: out_dir.join("stdout"),
             stderr: out_dir.join("stderr"),
+            jobnet: None,
         }
     }
 }
@@ -121,6 +126,8 @@ pub struct TreeInfo {
     pub stderr: PathBuf,
     /// Set for a tree this agent restored rather than started.
     pub restored_from: Option<RestoredFrom>,
+    /// The tree's job-network address, if it has one.
+    pub address: Option<std::net::Ipv4Addr>,
 }
 
 /// One tree the agent started.
@@ -136,11 +143,21 @@ pub(crate) struct Tree {
     stdout: PathBuf,
     stderr: PathBuf,
     restored_from: Option<RestoredFrom>,
+    /// The tree's namespace with its job address; taken (and so removed)
+    /// once the tree has exited.
+    net: Mutex<Option<Arc<TreeNet>>>,
+    /// The job's owner (uid, gid), reported to the coordinator.
+    pub owner: (u32, u32),
 }
 
 impl Tree {
     pub fn state(&self) -> TreeState {
         *lock(&self.state)
+    }
+
+    /// The tree's job network namespace, while it runs.
+    pub fn net(&self) -> Option<Arc<TreeNet>> {
+        lock(&self.net).clone()
     }
 
     pub fn info(&self) -> TreeInfo {
@@ -152,6 +169,7 @@ impl Tree {
             stdout: self.stdout.clone(),
             stderr: self.stderr.clone(),
             restored_from: self.restored_from.clone(),
+            address: self.net().map(|n| n.address()),
         }
     }
 
@@ -205,6 +223,9 @@ pub(crate) struct Registry {
     next: Mutex<TreeId>,
     /// Distinguishes registries of one process in cgroup names.
     instance: u64,
+    /// Notified when a tree starts, is adopted or exits (the session
+    /// reports it to the coordinator).
+    pub changed: Arc<tokio::sync::Notify>,
 }
 
 static INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -218,6 +239,7 @@ impl Registry {
             trees: Mutex::new(BTreeMap::new()),
             next: Mutex::new(0),
             instance: INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            changed: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -293,10 +315,13 @@ impl Registry {
             stdout: r.stdout,
             stderr: r.stderr,
             restored_from: Some(r.from),
+            net: Mutex::new(r.jobnet),
+            owner: r.owner,
         });
         lock(&self.trees).insert(id, tree.clone());
         tracing::info!(node = %self.node, job, tree = id, pid, "restored tree adopted");
-        reap(tree.clone(), pumps);
+        reap(tree.clone(), pumps, self.changed.clone());
+        self.changed.notify_one();
         tree
     }
 
@@ -392,8 +417,15 @@ impl Registry {
             stdout: out_w,
             stderr: err_w,
             cgroups: vec![freezer.procs_file()],
+            netns: match &args.jobnet {
+                Some(n) => Some(n.netns().try_clone_to_owned().map_err(io_err(
+                    "duplicate the network namespace descriptor for",
+                    Path::new("/proc/self/ns/net"),
+                ))?),
+                None => None,
+            },
         };
-        let pid = match tree::spawn(&spec) {
+        let pid = match tree::spawn(spec) {
             Ok(pid) => pid,
             Err(source) => {
                 let _ = freezer.remove();
@@ -403,7 +435,6 @@ impl Registry {
                 });
             }
         };
-        drop(spec); // our copies of the write ends: EOF when the tree ends
         let (out_r, err_r) = (Arc::new(File::from(out_r)), Arc::new(File::from(err_r)));
         let pumps = vec![pump(out_r.clone(), out_file), pump(err_r.clone(), err_file)];
         let tree = Arc::new(Tree {
@@ -422,10 +453,13 @@ impl Registry {
             stdout: args.stdout.clone(),
             stderr: args.stderr.clone(),
             restored_from: None,
+            net: Mutex::new(args.jobnet.clone()),
+            owner: (args.uid, args.gid),
         });
         lock(&self.trees).insert(id, tree.clone());
         tracing::info!(node = %self.node, job, tree = id, pid, "tree started");
-        reap(tree, pumps);
+        reap(tree, pumps, self.changed.clone());
+        self.changed.notify_one();
         Ok(id)
     }
 }
@@ -443,13 +477,17 @@ pub(crate) struct Adopted {
     pub stdout: PathBuf,
     pub stderr: PathBuf,
     pub from: RestoredFrom,
+    /// The namespace it was restored into, with its job address.
+    pub jobnet: Option<Arc<TreeNet>>,
+    /// The job's owner (uid, gid) from the manifest.
+    pub owner: (u32, u32),
 }
 
 /// Waits for the tree's init, removes its cgroup (once the namespace's
 /// other tasks are gone too) and its init dir, then records how it ended:
 /// a tree seen `Exited` has left nothing behind (a restore may reuse its
 /// init dir at once).
-fn reap(tree: Arc<Tree>, pumps: Vec<thread::JoinHandle<()>>) {
+fn reap(tree: Arc<Tree>, pumps: Vec<thread::JoinHandle<()>>, changed: Arc<tokio::sync::Notify>) {
     thread::spawn(move || {
         let pid = Pid::from_raw(tree.handle.root_pid);
         let code = loop {
@@ -475,8 +513,12 @@ fn reap(tree: Arc<Tree>, pumps: Vec<thread::JoinHandle<()>>) {
         if let Some(dir) = &tree.handle.init_dir {
             let _ = fs::remove_dir_all(dir);
         }
+        // The node side of its job address goes (the namespace itself with
+        // the last descriptor and process).
+        drop(lock(&tree.net).take());
         *lock(&tree.state) = TreeState::Exited(code);
         tracing::info!(job = %tree.job, tree = tree.id, code, "tree exited");
+        changed.notify_one();
     });
 }
 
