@@ -58,10 +58,11 @@ enum Cmd {
         user: Option<String>,
         /// A multi-node job: start its first tree under this node's ckpt-agent,
         /// with mpirun (Open MPI) and hydra (MPICH) launching through
-        /// `ckpt-job rsh`; checkpoints go through the coordinator. Network:
-        /// the node's (default here; restart on the same nodes only), or with
-        /// --net private a job-stable address per tree from the
-        /// coordinator's job_network (restartable on other nodes).
+        /// `ckpt-job rsh`; checkpoints go through the coordinator. Network
+        /// (default private): each tree gets a job-stable address from the
+        /// coordinator's job_network, so the job can restart on other
+        /// nodes; --net host keeps the nodes' own network (restart on the
+        /// same nodes only, once the old connections are gone).
         #[arg(long, conflicts_with_all = ["ckpt_dir", "interval", "keep", "user"])]
         cluster: bool,
         /// With --cluster: where the job's output, exit status and rsh files
@@ -224,8 +225,8 @@ fn real_main(cli: Cli) -> Result<i32> {
                     job: name.unwrap_or_else(|| default_name(&command)),
                     io_dir,
                     net: match net {
-                        Some(Net::Private) => NetMode::Private,
-                        Some(Net::Host) | None => NetMode::Host,
+                        Some(Net::Private) | None => NetMode::Private,
+                        Some(Net::Host) => NetMode::Host,
                     },
                     agent_socket: agent_socket.unwrap_or_else(rsh::agent_socket),
                     command,

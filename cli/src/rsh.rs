@@ -457,6 +457,15 @@ pub struct ClusterRun {
 
 /// The node-local scratch dirs of a job (same names as the single-node
 /// supervisor's, supervisor/local.rs).
+///
+/// `run --cluster` does not remove them on the other nodes when the job
+/// ends for good: it could reach them only by starting new trees of the
+/// ended job there (and a node that is down or was left by a restart
+/// elsewhere would keep them anyway), while a stop checkpoint (exit 75)
+/// must keep them for the restart. That is an epilog's job: the Slurm
+/// epilog runs as root on every node of the allocation once the job is
+/// really over (not on a checkpoint-and-requeue), and removes
+/// `/tmp/ckpt-job.<job>` and `/dev/shm/ckpt-job.<job>` there.
 fn scratch_env(job: &str) -> [(&'static str, String); 4] {
     [
         ("OMPI_MCA_orte_tmpdir_base", format!("/tmp/ckpt-job.{job}")),

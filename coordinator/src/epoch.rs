@@ -10,30 +10,42 @@
 //! # The protocol (DESIGN.md, "Checkpoint protocol")
 //!
 //! ```text
-//!            all READY            all DUMPED              all FLUSHED
-//! Preparing ─────────► Dumping ─────────────► Flushing ───────────────► Committing
-//!  PREPARE sent         DUMP sent              COMMIT(mode) sent          MANIFEST handed
-//!                                                                         to the caller
-//!     CommitSucceeded: COMMITTED(mode) sent ──► Done        (continue mode)
-//!                                          └──► Stopping ──► Done (stop mode: all STOPPED)
+//!            all READY            all DUMPED              all DUMPED+FLUSHED
+//! Preparing ─────────► Dumping ─────────────► Flushing ───────────────────► Committing
+//!  PREPARE sent         DUMP sent              COMMIT(mode) sent             MANIFEST handed
+//!                       (FLUSHED may come      (RESUMED may come              to the caller
+//!                        after a node's         from here on, before
+//!                        DUMPED already)        or after its FLUSHED)
+//!     CommitSucceeded: COMMITTED(mode) sent ──► Resuming ──► Done (continue: all RESUMED)
+//!                                          └──► Stopping ──► Done (stop: all STOPPED)
 //! any FAIL, timeout, lost agent, protocol violation, CommitFailed before the
 //! commit ──► Aborted (ABORT sent to every agent)
 //! ```
 //!
+//! An agent answers DUMP with DUMPED as soon as its images are complete in
+//! its page cache (no digests), and then, on its own, digests and fsyncs
+//! them and sends FLUSHED with the digests: the flush overlaps the other
+//! nodes' dumps and the COMMIT round trip instead of following them.
+//!
 //! - Nobody dumps before every agent is READY: DUMP is broadcast exactly
 //!   once, in the step that takes the last READY.
-//! - COMMIT(continue) tells agents to resume their trees now (the cut was
-//!   fixed by the barrier; the job need not wait for the shared filesystem)
-//!   and then flush. Each agent answers RESUMED, then FLUSHED.
-//! - COMMIT(stop) tells agents to flush and keep the tree frozen: a tree is
-//!   killed only after the manifest rename (COMMITTED), so a failed flush or
-//!   commit leaves the job running (fail closed). Agents answer FLUSHED, and
-//!   STOPPED after COMMITTED.
-//! - The manifest is produced exactly once, after every agent is DUMPED and
-//!   FLUSHED. COMMITTED is broadcast only after the caller reports
-//!   [`Event::CommitSucceeded`]. After that nothing aborts the epoch: agent
-//!   failures become [`PostCommitProblem`]s in the [`Outcome`].
-//!
+//! - COMMIT is broadcast exactly once, in the step that takes the last
+//!   DUMPED: the cut is complete, so COMMIT(continue) lets agents resume
+//!   their trees at once, whether their flush is done or not. COMMIT(stop)
+//!   keeps the trees frozen: a tree is killed only after the manifest
+//!   rename (COMMITTED), so a failed flush or commit leaves the job running
+//!   (fail closed).
+//! - FLUSHED is taken from a node any time after its DUMPED (also before
+//!   COMMIT went out). The manifest is produced exactly once, after every
+//!   agent is DUMPED and FLUSHED; its file digests are those of FLUSHED and
+//!   nothing in it depends on RESUMED. COMMITTED is broadcast only after the
+//!   caller reports [`Event::CommitSucceeded`]. After that nothing aborts
+//!   the epoch: agent failures become [`PostCommitProblem`]s in the
+//!   [`Outcome`].
+//! - The epoch ends ([`Action::Done`]) once every agent has also answered
+//!   COMMIT (RESUMED in continue mode, with the downtime of its tree;
+//!   STOPPED in stop mode), or the finish deadline passed.
+
 //! # Cost
 //!
 //! Node names are mapped to dense [`NodeId`]s once per job ([`Roster`]); the
@@ -54,7 +66,7 @@ mod tests;
 use std::fmt;
 use std::time::Duration;
 
-use ckpt_protocol::manifest::{CheckpointMode, Manifest, NodeImage, Timings};
+use ckpt_protocol::manifest::{CheckpointMode, FileDigest, Manifest, NodeImage, Timings};
 
 pub use machine::Epoch;
 pub use outcome::{AbortReason, Outcome, PhaseTimings, PostCommitProblem, Verdict};
@@ -82,12 +94,15 @@ pub enum Phase {
     Preparing,
     /// DUMP sent; waiting for every DUMPED.
     Dumping,
-    /// COMMIT sent; waiting for every FLUSHED (and RESUMED in continue mode).
+    /// Every node DUMPED, COMMIT sent; waiting for every FLUSHED (RESUMED
+    /// may come meanwhile in continue mode).
     Flushing,
     /// The manifest is with the caller; waiting for its commit result.
     Committing,
     /// Committed in stop mode; waiting for every STOPPED.
     Stopping,
+    /// Committed in continue mode; waiting for every RESUMED still missing.
+    Resuming,
     /// Committed, and every agent finished (or was given up on).
     Done,
     /// Given up before the commit point; every agent was told to ABORT.
@@ -103,15 +118,15 @@ impl Phase {
             (Preparing, Dumping)
                 | (Dumping, Flushing)
                 | (Flushing, Committing)
-                | (Committing, Stopping | Done)
-                | (Stopping, Done)
+                | (Committing, Stopping | Resuming | Done)
+                | (Stopping | Resuming, Done)
                 | (Preparing | Dumping | Flushing | Committing, Aborted)
         )
     }
 
     /// Whether the manifest rename (the commit point) has happened.
     pub fn is_committed(self) -> bool {
-        matches!(self, Phase::Stopping | Phase::Done)
+        matches!(self, Phase::Stopping | Phase::Resuming | Phase::Done)
     }
 
     /// Whether the epoch is over (no more actions will come).
@@ -126,6 +141,7 @@ impl Phase {
             Phase::Flushing => "flushing",
             Phase::Committing => "committing",
             Phase::Stopping => "stopping",
+            Phase::Resuming => "resuming",
             Phase::Done => "done",
             Phase::Aborted => "aborted",
         }
@@ -140,21 +156,29 @@ impl fmt::Display for Phase {
 
 /// Where one agent is within the epoch, as the coordinator has heard it.
 ///
-/// The first six are ordered: an agent only moves forward, and a message
-/// whose target is at or behind the agent's phase is a duplicate.
-/// `Released` is used in continue mode only, `Finished` in stop mode only.
+/// An agent only moves forward. After DUMPED, FLUSHED and (continue mode)
+/// RESUMED come in either order:
+///
+/// ```text
+/// Pending ─READY─► Ready ─DUMPED─► Dumped ─FLUSHED─► Flushed ─RESUMED | STOPPED─► Finished
+///                                     └─RESUMED─► Released ─FLUSHED────────────────┘
+/// ```
+///
+/// `Released` is used in continue mode only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u8)]
 pub enum AgentPhase {
     /// PREPARE sent, no READY yet.
     Pending,
     Ready,
+    /// Images complete on the node (not yet digested or durable).
     Dumped,
-    /// Continue mode: RESUMED, the tree runs again.
+    /// Continue mode: RESUMED, the tree runs again; FLUSHED still missing.
     Released,
-    /// Images durable on the shared filesystem.
+    /// Images digested and durable (continue mode: RESUMED still missing).
     Flushed,
-    /// Stop mode: STOPPED, the tree was killed after the commit.
+    /// Done with the epoch: flushed and resumed (continue mode), or
+    /// flushed and STOPPED after the commit (stop mode).
     Finished,
     /// Sent FAIL (or broke the protocol) after the commit.
     Failed,
@@ -196,12 +220,13 @@ pub enum AgentMsg {
     Ready,
     /// Could not do what was asked.
     Failed { reason: String },
-    /// Dumped into node-local staging; the image and digests of its files.
+    /// Dumped: the image, without digests (they come with `Flushed`).
     Dumped(Box<NodeDump>),
     /// Continue mode: the tree runs again, after being frozen `downtime`.
     Resumed { downtime: Duration },
-    /// The node's images are on the shared filesystem and fsynced.
-    Flushed,
+    /// The node's images are on the shared filesystem and fsynced: the
+    /// digest of every file of its image.
+    Flushed { files: Vec<FileDigest> },
     /// Stop mode: the tree was killed after the commit.
     Stopped { downtime: Duration },
 }
@@ -224,7 +249,7 @@ impl AgentMsg {
             AgentMsg::Failed { .. } => MsgKind::Failed,
             AgentMsg::Dumped(_) => MsgKind::Dumped,
             AgentMsg::Resumed { .. } => MsgKind::Resumed,
-            AgentMsg::Flushed => MsgKind::Flushed,
+            AgentMsg::Flushed { .. } => MsgKind::Flushed,
             AgentMsg::Stopped { .. } => MsgKind::Stopped,
         }
     }
@@ -246,7 +271,8 @@ impl fmt::Display for MsgKind {
 /// One node's DUMPED report.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeDump {
-    /// Its part of the manifest; `image.node` must be the sender's name.
+    /// Its part of the manifest, without file digests (FLUSHED brings
+    /// them); `image.node` must be the sender's name.
     pub image: NodeImage,
     /// `criu --version` on the node; every node of an epoch must agree.
     pub criu_version: String,
@@ -261,8 +287,9 @@ pub enum Command {
     Prepare,
     /// Every node is READY: dump now; answer DUMPED.
     Dump,
-    /// Every node is DUMPED. Continue mode: resume the tree (RESUMED), then
-    /// flush (FLUSHED). Stop mode: flush (FLUSHED), keep the tree frozen.
+    /// Every node is DUMPED. Continue mode: resume the tree now (RESUMED).
+    /// Stop mode: keep the tree frozen. The flush (FLUSHED) goes on either
+    /// way.
     Commit { mode: CheckpointMode },
     /// The manifest is in place. Stop mode: kill the frozen tree (STOPPED).
     /// Both modes: drop staging.
@@ -325,12 +352,12 @@ pub struct Deadlines {
     pub prepare: Duration,
     /// DUMP → every DUMPED.
     pub dump: Duration,
-    /// COMMIT → every FLUSHED.
+    /// Last DUMPED (COMMIT) → every FLUSHED.
     pub flush: Duration,
     /// Manifest handed over → commit result.
     pub commit: Duration,
-    /// COMMITTED → every STOPPED (stop mode); past it, the epoch is done
-    /// with the silent nodes listed.
+    /// COMMITTED → every STOPPED (stop mode) or RESUMED (continue mode);
+    /// past it, the epoch is done with the silent nodes listed.
     pub finish: Duration,
 }
 

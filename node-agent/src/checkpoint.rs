@@ -76,6 +76,13 @@ pub struct DumpRequest<'a> {
     pub stop: bool,
     pub freeze_timeout: Duration,
     pub rules: &'a CaptureRules,
+    /// Hash and flush CRIU's page files while CRIU writes them (a follower
+    /// thread; the digests come back as `sealed`). Worth it when the tree
+    /// stays frozen after the dump anyway (stop mode, the supervisor, which
+    /// digests before it thaws); off, CRIU has the cores to itself and every
+    /// file is left to the caller in `files`, so that it can digest them
+    /// after the thaw.
+    pub hash_while_dumping: bool,
 }
 
 impl std::fmt::Debug for DumpRequest<'_> {
@@ -191,9 +198,9 @@ pub fn dump_tree(
 /// Dumps a tree the caller has already frozen (and drained), and packs its
 /// images, leaving it frozen whatever happens: the caller thaws it, kills
 /// it, or keeps it frozen for a later commit. For the node agent, whose
-/// PREPARE freezes and whose DUMP dumps; the digests of the page files are
-/// complete when this returns (`sealed`), the other `files` are not yet
-/// digested. `hooks.frozen` is called once more before the capture.
+/// PREPARE freezes and whose DUMP dumps. With `hash_while_dumping` the
+/// digests of the page files are complete when this returns (`sealed`);
+/// the other `files` are not yet digested. `hooks.frozen` is called once more before the capture.
 pub fn dump_frozen_tree(
     req: &DumpRequest<'_>,
     hooks: &mut dyn DumpHooks,
@@ -266,8 +273,10 @@ fn dump_frozen(
             }
         }
     };
-    // Page files are hashed and flushed while CRIU writes them.
-    let follower = Follower::start(&criu_dir, is_pages);
+    // Page files are hashed and flushed while CRIU writes them, if asked.
+    let follower = req
+        .hash_while_dumping
+        .then(|| Follower::start(&criu_dir, is_pages));
     req.criu.dump(&opts, notify)?;
     let dump_ms = ms(td.elapsed());
 
@@ -315,7 +324,7 @@ fn dump_frozen(
         image,
         files: local_pack.into_iter().chain(init_binary).collect(),
         sealed: Vec::new(),
-        follower: Some(follower),
+        follower,
         followed: BTreeMap::new(),
         freeze_ms,
         capture_ms,

@@ -499,3 +499,200 @@ fn lost_or_silent_coordinator_thaws_the_tree() {
         drop(guard);
     });
 }
+
+/// A tree with 256 MiB of non-zero memory that prints a line every 50 ms:
+/// its digest takes far longer than a loopback round trip.
+const BIG: &str = "import time\nb = bytes(range(256)) * (1 << 20)\nfor i in range(2400):\n    print(i, flush=True)\n    time.sleep(0.05)\n";
+
+/// The flush runs on its own after DUMPED, against a scripted coordinator:
+/// DUMPED carries no digests and FLUSHED comes without any COMMIT, with a
+/// digest of every file of the image, while the tree stays frozen; a COMMIT
+/// right after DUMPED thaws the tree before the digests are done (RESUMED
+/// before FLUSHED); an ABORT while the flush runs answers ABORTED, no
+/// FLUSHED follows, and the node's files are gone.
+#[test]
+fn the_flush_follows_dumped_on_its_own() {
+    let Some((_guard, criu)) = prerequisites("the_flush_follows_dumped_on_its_own") else {
+        return;
+    };
+    let python = PathBuf::from("/usr/bin/python3");
+    assert!(python.exists(), "this test needs {}", python.display());
+    use ckpt_protocol::async_framing::write_frame;
+    use ckpt_protocol::auth::{handshake_server, NodeExpectation, ServerConfig};
+    use ckpt_protocol::cluster::pb::{self, frame::Body};
+    use ckpt_protocol::cluster::{undigested_node_image_from_wire, with_digests};
+    runtime().block_on(async {
+        let root = tempfile::tempdir().unwrap();
+        let key = Key::from_bytes([9; 32]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cfg = AgentConfig::new(
+            "n1",
+            listener.local_addr().unwrap(),
+            key.clone(),
+            criu.clone(),
+            PathBuf::from(env!("CARGO_BIN_EXE_ckpt-init")),
+            root.path().join("state"),
+        );
+        let agent = AgentDaemon::start(cfg).unwrap();
+        let out = root.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let args = TreeArgs::new([python.to_str().unwrap(), "-c", BIG], &out);
+        let id = agent.spawn_tree(JOB, &args).unwrap();
+        let _guard = Cluster::kill_on_drop(&agent, id);
+        let lines = || {
+            std::fs::read_to_string(out.join("stdout"))
+                .unwrap_or_default()
+                .lines()
+                .count()
+        };
+        let progresses = |what: &'static str| {
+            let before = lines();
+            async move {
+                let t0 = Instant::now();
+                while lines() < before + 3 {
+                    assert!(t0.elapsed() < Duration::from_secs(10), "{what}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        let dir = |epoch: u64| root.path().join("store").join(epoch.to_string());
+        let prepare = |epoch: u64| -> pb::Frame {
+            pb::Prepare {
+                job: JOB.into(),
+                epoch,
+                mode: pb::CheckpointMode::Continue as i32,
+                deadlines: Some(pb::Deadlines {
+                    prepare_ms: 10_000,
+                    dump_ms: 30_000,
+                    frozen_max_ms: 60_000,
+                    flush_ms: 30_000,
+                }),
+                epoch_dir: dir(epoch).display().to_string(),
+            }
+            .into()
+        };
+        let dump = |epoch: u64| {
+            pb::Frame::from(pb::Dump {
+                job: JOB.into(),
+                epoch,
+            })
+        };
+        let commit = |epoch: u64| {
+            pb::Frame::from(pb::Commit {
+                job: JOB.into(),
+                epoch,
+                action: pb::CommitAction::Resume as i32,
+            })
+        };
+        let server = ServerConfig::new("fake-coordinator", NodeExpectation::Any);
+        let (mut s, _) = listener.accept().await.unwrap();
+        handshake_server(&mut s, &key, &server).await.unwrap();
+        progresses("the tree does not run").await;
+        // The tree has its 256 MiB once it prints.
+
+        // Epoch 1: DUMPED without digests, then FLUSHED with no COMMIT sent;
+        // the tree stays frozen until COMMIT.
+        write_frame(&mut s, &prepare(1)).await.unwrap();
+        let f = next_reply(&mut s).await;
+        assert!(matches!(f.body, Some(Body::Ready(_))), "{f:?}");
+        write_frame(&mut s, &dump(1)).await.unwrap();
+        let image = match next_reply(&mut s).await.body {
+            Some(Body::Dumped(d)) => {
+                assert_eq!(d.epoch, 1);
+                let image = d.image.unwrap();
+                assert!(image.files.is_empty(), "DUMPED carries digests");
+                undigested_node_image_from_wire(image, "n1").unwrap()
+            }
+            other => panic!("expected DUMPED, got {other:?}"),
+        };
+        let frozen = lines();
+        let flushed = match next_reply(&mut s).await.body {
+            Some(Body::Flushed(f)) => f,
+            other => panic!("expected FLUSHED before any COMMIT, got {other:?}"),
+        };
+        assert_eq!(flushed.epoch, 1);
+        let files = flushed.file_digests("n1").unwrap();
+        let full = with_digests(image, files).unwrap();
+        let mut bytes = 0;
+        for f in &full.files {
+            let data = std::fs::read(dir(1).join(&f.name)).unwrap();
+            assert_eq!(data.len() as u64, f.size, "{}", f.name);
+            assert_eq!(
+                blake3::hash(&data).to_hex().as_str(),
+                f.blake3,
+                "{}",
+                f.name
+            );
+            bytes += f.size;
+        }
+        assert_eq!(flushed.bytes, bytes);
+        assert!(bytes > 200 << 20, "only {bytes} bytes dumped");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(lines(), frozen, "thawed before COMMIT");
+        write_frame(&mut s, &commit(1)).await.unwrap();
+        let f = next_reply(&mut s).await;
+        assert!(
+            matches!(f.body, Some(Body::Resumed(ref r)) if r.epoch == 1),
+            "{f:?}"
+        );
+        progresses("not running after COMMIT").await;
+        let committed = pb::Frame::from(pb::EpochCommitted {
+            job: JOB.into(),
+            epoch: 1,
+        });
+        write_frame(&mut s, &committed).await.unwrap();
+
+        // Epoch 2: COMMIT at once after DUMPED: the tree runs again before
+        // the digests are done.
+        write_frame(&mut s, &prepare(2)).await.unwrap();
+        let f = next_reply(&mut s).await;
+        assert!(matches!(f.body, Some(Body::Ready(_))), "{f:?}");
+        write_frame(&mut s, &dump(2)).await.unwrap();
+        let f = next_reply(&mut s).await;
+        assert!(matches!(f.body, Some(Body::Dumped(_))), "{f:?}");
+        write_frame(&mut s, &commit(2)).await.unwrap();
+        let f = next_reply(&mut s).await;
+        assert!(
+            matches!(f.body, Some(Body::Resumed(ref r)) if r.epoch == 2),
+            "expected RESUMED before FLUSHED: {f:?}"
+        );
+        let f = next_reply(&mut s).await;
+        match f.body {
+            Some(Body::Flushed(fl)) => {
+                assert_eq!(fl.epoch, 2);
+                assert!(!fl.files.is_empty());
+            }
+            other => panic!("expected FLUSHED, got {other:?}"),
+        }
+        progresses("not running after epoch 2").await;
+
+        // Epoch 3: ABORT while the flush runs.
+        write_frame(&mut s, &prepare(3)).await.unwrap();
+        let f = next_reply(&mut s).await;
+        assert!(matches!(f.body, Some(Body::Ready(_))), "{f:?}");
+        write_frame(&mut s, &dump(3)).await.unwrap();
+        let f = next_reply(&mut s).await;
+        assert!(matches!(f.body, Some(Body::Dumped(_))), "{f:?}");
+        let abort = pb::Frame::from(pb::Abort {
+            job: JOB.into(),
+            epoch: 3,
+            reason: "test".into(),
+        });
+        write_frame(&mut s, &abort).await.unwrap();
+        let f = next_reply(&mut s).await;
+        assert!(
+            matches!(f.body, Some(Body::Aborted(ref a)) if a.epoch == 3),
+            "expected ABORTED (and no FLUSHED first): {f:?}"
+        );
+        progresses("not running after ABORT").await;
+        // Nothing of epoch 3 follows (heartbeats only), and its files are
+        // gone.
+        let quiet = tokio::time::timeout(Duration::from_millis(1500), next_reply(&mut s)).await;
+        assert!(quiet.is_err(), "a frame after ABORTED: {quiet:?}");
+        let left: Vec<_> = std::fs::read_dir(dir(3))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "files of an aborted epoch: {left:?}");
+    });
+}

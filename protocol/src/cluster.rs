@@ -211,12 +211,13 @@ pub enum WireError {
     },
     #[error("manifest digest of {file:?} is not 64 hex digits")]
     BadManifestDigest { file: String },
+    #[error("DUMPED from {peer:?} carries {files} file digests: digests travel in FLUSHED")]
+    EarlyDigests { peer: String, files: usize },
 }
 
-/// The wire form of this node's image, for `Dumped`.
-pub fn node_image_to_wire(img: &manifest::NodeImage) -> Result<pb::NodeImage, WireError> {
-    let files = img
-        .files
+/// The wire form of file digests, for `Flushed.files`.
+pub fn digests_to_wire(files: &[manifest::FileDigest]) -> Result<Vec<pb::FileDigest>, WireError> {
+    files
         .iter()
         .map(|f| {
             let digest =
@@ -229,7 +230,12 @@ pub fn node_image_to_wire(img: &manifest::NodeImage) -> Result<pb::NodeImage, Wi
                 blake3: digest.as_bytes().to_vec(),
             })
         })
-        .collect::<Result<_, WireError>>()?;
+        .collect()
+}
+
+/// The wire form of this node's image (`Dumped` sends it with no files).
+pub fn node_image_to_wire(img: &manifest::NodeImage) -> Result<pb::NodeImage, WireError> {
+    let files = digests_to_wire(&img.files)?;
     let trees = img
         .trees
         .iter()
@@ -278,22 +284,12 @@ pub fn node_image_to_wire(img: &manifest::NodeImage) -> Result<pb::NodeImage, Wi
     })
 }
 
-/// The manifest form of the node image a `Dumped` from the authenticated
-/// node `peer` carries, refused unless it is `peer`'s own and passes the
-/// manifest's validation (plain file names, clean absolute paths, a digest
-/// for every referenced file).
-pub fn node_image_from_wire(
-    img: pb::NodeImage,
+/// File digests from the authenticated node `peer`, each 32 bytes.
+fn digests_from_wire(
+    files: Vec<pb::FileDigest>,
     peer: &str,
-) -> Result<manifest::NodeImage, WireError> {
-    if img.node != peer {
-        return Err(WireError::WrongNode {
-            peer: peer.to_owned(),
-            claimed: img.node,
-        });
-    }
-    let files = img
-        .files
+) -> Result<Vec<manifest::FileDigest>, WireError> {
+    files
         .into_iter()
         .map(|f| {
             let digest: [u8; 32] =
@@ -311,7 +307,19 @@ pub fn node_image_from_wire(
                 blake3: blake3::Hash::from_bytes(digest).to_hex().to_string(),
             })
         })
-        .collect::<Result<_, WireError>>()?;
+        .collect()
+}
+
+/// The manifest form of a wire image, refused unless it is `peer`'s own;
+/// not validated yet.
+fn convert_node_image(img: pb::NodeImage, peer: &str) -> Result<manifest::NodeImage, WireError> {
+    if img.node != peer {
+        return Err(WireError::WrongNode {
+            peer: peer.to_owned(),
+            claimed: img.node,
+        });
+    }
+    let files = digests_from_wire(img.files, peer)?;
     let trees = img
         .trees
         .into_iter()
@@ -358,6 +366,12 @@ pub fn node_image_from_wire(
         trees,
         files,
     };
+    Ok(node)
+}
+
+/// Checks one node's image as the manifest would: plain file names, clean
+/// absolute paths, a digest for every referenced file, no file twice.
+pub fn check_node_image(node: manifest::NodeImage) -> Result<manifest::NodeImage, ValidationError> {
     // The manifest's own checks, on a manifest holding just this node.
     let probe = manifest::Manifest {
         format: manifest::FORMAT_VERSION,
@@ -373,27 +387,112 @@ pub fn node_image_from_wire(
         nodes: vec![node],
         timings: manifest::Timings::default(),
     };
-    probe.validate().map_err(|source| WireError::Invalid {
+    probe.validate()?;
+    let manifest::Manifest { mut nodes, .. } = probe;
+    // The probe holds exactly the one node put in.
+    Ok(nodes.swap_remove(0))
+}
+
+/// The manifest form of a complete node image (with its digests) from the
+/// authenticated node `peer`, refused unless it is `peer`'s own and passes
+/// the manifest's validation (plain file names, clean absolute paths, a
+/// digest for every referenced file).
+pub fn node_image_from_wire(
+    img: pb::NodeImage,
+    peer: &str,
+) -> Result<manifest::NodeImage, WireError> {
+    let node = convert_node_image(img, peer)?;
+    check_node_image(node).map_err(|source| WireError::Invalid {
         peer: peer.to_owned(),
         source,
-    })?;
-    let manifest::Manifest { mut nodes, .. } = probe;
-    nodes.pop().ok_or_else(|| WireError::Missing {
-        peer: peer.to_owned(),
-        what: "Dumped",
-        field: "image",
     })
 }
 
+/// The node image of a `Dumped` from `peer`: no digests yet (they come with
+/// `Flushed`, see [`with_digests`]); everything else is checked as
+/// [`node_image_from_wire`] does.
+pub fn undigested_node_image_from_wire(
+    img: pb::NodeImage,
+    peer: &str,
+) -> Result<manifest::NodeImage, WireError> {
+    if !img.files.is_empty() {
+        return Err(WireError::EarlyDigests {
+            peer: peer.to_owned(),
+            files: img.files.len(),
+        });
+    }
+    let mut node = convert_node_image(img, peer)?;
+    // Stand-in digests for every referenced file, so that the manifest's
+    // checks run on everything but the digests themselves.
+    let mut names = std::collections::BTreeSet::new();
+    for t in &node.trees {
+        names.extend(
+            std::iter::once(&t.meta_pack)
+                .chain(t.pages.iter())
+                .chain(t.local_pack.iter())
+                .chain(t.init_binary.iter())
+                .cloned(),
+        );
+    }
+    node.files = names
+        .into_iter()
+        .map(|name| manifest::FileDigest {
+            name,
+            size: 0,
+            blake3: String::new(),
+        })
+        .collect();
+    let mut node = check_node_image(node).map_err(|source| WireError::Invalid {
+        peer: peer.to_owned(),
+        source,
+    })?;
+    node.files.clear();
+    Ok(node)
+}
+
+/// `image` (from DUMPED) completed with the digests of FLUSHED, checked as
+/// a manifest's node: every referenced file has a digest, no file twice.
+pub fn with_digests(
+    mut image: manifest::NodeImage,
+    files: Vec<manifest::FileDigest>,
+) -> Result<manifest::NodeImage, ValidationError> {
+    image.files = files;
+    check_node_image(image)
+}
+
 impl pb::Dumped {
-    /// The node image, checked as [`node_image_from_wire`] does.
+    /// The node image without digests, checked as
+    /// [`undigested_node_image_from_wire`] does.
     pub fn node_image(&self, peer: &str) -> Result<manifest::NodeImage, WireError> {
         let img = self.image.clone().ok_or_else(|| WireError::Missing {
             peer: peer.to_owned(),
             what: "Dumped",
             field: "image",
         })?;
-        node_image_from_wire(img, peer)
+        undigested_node_image_from_wire(img, peer)
+    }
+}
+
+impl pb::Flushed {
+    /// The digests of the sender's files: 32-byte digests, plain file
+    /// names, none twice. Whether they cover the image is checked against
+    /// its DUMPED ([`with_digests`]).
+    pub fn file_digests(&self, peer: &str) -> Result<Vec<manifest::FileDigest>, WireError> {
+        let files = digests_from_wire(self.files.clone(), peer)?;
+        let mut seen = std::collections::HashSet::new();
+        for f in &files {
+            let invalid = |source| WireError::Invalid {
+                peer: peer.to_owned(),
+                source,
+            };
+            manifest::check_name("file name", &f.name).map_err(invalid)?;
+            if !seen.insert(f.name.as_str()) {
+                return Err(invalid(ValidationError::DuplicateFile {
+                    name: f.name.clone(),
+                }));
+            }
+        }
+        Ok(files)
     }
 }
 
@@ -454,13 +553,23 @@ mod tests {
         let img = image();
         let wire = node_image_to_wire(&img).unwrap();
         assert_eq!(wire.files[0].blake3.len(), 32);
+        let mut undigested = wire.clone();
+        let digests = std::mem::take(&mut undigested.files);
         let dumped = pb::Dumped {
             job: "j".into(),
             epoch: 1,
-            image: Some(wire),
+            image: Some(undigested),
             ..Default::default()
         };
-        assert_eq!(dumped.node_image("n1").unwrap(), img);
+        let flushed = pb::Flushed {
+            files: digests,
+            ..Default::default()
+        };
+        let bare = dumped.node_image("n1").unwrap();
+        assert!(bare.files.is_empty());
+        let files = flushed.file_digests("n1").unwrap();
+        assert_eq!(with_digests(bare, files).unwrap(), img);
+        assert_eq!(node_image_from_wire(wire, "n1").unwrap(), img);
         let mut host = img.clone();
         host.trees[0].net = manifest::NetMode::Host;
         let back = node_image_from_wire(node_image_to_wire(&host).unwrap(), "n1").unwrap();
@@ -491,6 +600,61 @@ mod tests {
         assert!(matches!(
             empty.node_image("n1"),
             Err(WireError::Missing { .. })
+        ));
+    }
+
+    #[test]
+    fn dumped_without_digests_and_flushed_digests_are_checked() {
+        let wire = node_image_to_wire(&image()).unwrap();
+        // DUMPED must not carry digests.
+        let early = pb::Dumped {
+            image: Some(wire.clone()),
+            ..Default::default()
+        };
+        let err = early.node_image("n1").unwrap_err();
+        assert!(
+            matches!(err, WireError::EarlyDigests { files: 2, .. }),
+            "{err}"
+        );
+        // An unsafe name in DUMPED is refused without digests too.
+        let mut bad = wire.clone();
+        bad.files.clear();
+        bad.trees[0].pages = vec!["../x".into()];
+        assert!(matches!(
+            undigested_node_image_from_wire(bad, "n1"),
+            Err(WireError::Invalid { .. })
+        ));
+        // FLUSHED: short digest, unsafe name, duplicate.
+        let mut f = pb::Flushed {
+            files: wire.files.clone(),
+            ..Default::default()
+        };
+        f.files[1].blake3.truncate(5);
+        assert!(matches!(
+            f.file_digests("n1"),
+            Err(WireError::BadDigest { len: 5, .. })
+        ));
+        f.files = wire.files.clone();
+        f.files[0].name = "a/b".into();
+        assert!(matches!(
+            f.file_digests("n1"),
+            Err(WireError::Invalid { .. })
+        ));
+        f.files = wire.files.clone();
+        f.files[1].name = f.files[0].name.clone();
+        assert!(matches!(
+            f.file_digests("n1"),
+            Err(WireError::Invalid { .. })
+        ));
+        // Digests that miss a referenced file fail against the image.
+        let mut bare = wire.clone();
+        bare.files.clear();
+        let bare = undigested_node_image_from_wire(bare, "n1").unwrap();
+        f.files = wire.files[..1].to_vec();
+        let files = f.file_digests("n1").unwrap();
+        assert!(matches!(
+            with_digests(bare, files),
+            Err(ValidationError::Undigested { .. })
         ));
     }
 

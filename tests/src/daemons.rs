@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -41,8 +42,8 @@ pub fn bin(name: &str) -> PathBuf {
 #[derive(Debug)]
 pub struct Daemon {
     pub name: String,
-    binary: String,
-    config: PathBuf,
+    program: PathBuf,
+    args: Vec<OsString>,
     node_index: usize,
     child: Option<Child>,
     log: PathBuf,
@@ -51,14 +52,33 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// `binary` (one of ours) with `--config config`, logging at info into
+    /// `dir/name.log`.
     pub fn start(node: &Node, dir: &Path, binary: &str, name: &str, config: &Path) -> Daemon {
+        Daemon::start_program(
+            node,
+            &bin(binary),
+            &["--config".into(), config.into()],
+            name,
+            &dir.join(format!("{name}.log")),
+        )
+    }
+
+    /// Any program (e.g. sshd) on `node`, its stderr into `log`.
+    pub fn start_program(
+        node: &Node,
+        program: &Path,
+        args: &[OsString],
+        name: &str,
+        log: &Path,
+    ) -> Daemon {
         let mut d = Daemon {
             name: name.into(),
-            binary: binary.into(),
-            config: config.to_path_buf(),
+            program: program.to_path_buf(),
+            args: args.to_vec(),
             node_index: node.index(),
             child: None,
-            log: dir.join(format!("{name}.log")),
+            log: log.to_path_buf(),
             log_start: 0,
         };
         d.spawn(node);
@@ -73,16 +93,19 @@ impl Daemon {
             .open(&self.log)
             .unwrap();
         self.log_start = fs::metadata(&self.log).map_or(0, |m| m.len() as usize);
-        let mut cmd = node.command(bin(&self.binary));
-        cmd.arg("--config")
-            .arg(&self.config)
+        let mut cmd = node.command(&self.program);
+        cmd.args(&self.args)
             .env("CKPT_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        let child = node
-            .spawn(&mut cmd)
-            .unwrap_or_else(|e| panic!("spawning {} on {}: {e}", self.binary, node.name()));
+        let child = node.spawn(&mut cmd).unwrap_or_else(|e| {
+            panic!(
+                "spawning {} on {}: {e}",
+                self.program.display(),
+                node.name()
+            )
+        });
         self.child = Some(child);
     }
 
@@ -103,6 +126,11 @@ impl Daemon {
 
     /// Waits until the current process logs a line with every needle.
     pub fn wait_for(&mut self, needles: &[&str]) {
+        self.wait_for_or(needles, &String::new);
+    }
+
+    /// [`Daemon::wait_for`], with `extra()` (other logs) in the failure.
+    pub fn wait_for_or(&mut self, needles: &[&str], extra: &dyn Fn() -> String) {
         let t0 = Instant::now();
         loop {
             let log = self.current_log();
@@ -111,17 +139,31 @@ impl Daemon {
             }
             if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
                 panic!(
-                    "{} ended ({st}) before logging {needles:?}:\n{log}",
-                    self.name
+                    "{} ended ({st}) before logging {needles:?}:\n{log}\n{}",
+                    self.name,
+                    extra()
                 );
             }
             assert!(
                 t0.elapsed() < WAIT,
-                "{} logged no {needles:?} within {WAIT:?}:\n{log}",
-                self.name
+                "{} logged no {needles:?} within {WAIT:?}:\n{log}\n{}",
+                self.name,
+                extra()
             );
             sleep(Duration::from_millis(20));
         }
+    }
+
+    /// SIGTERM, and the process must exit with success (our daemons close
+    /// their sessions and exit 0).
+    pub fn stop(&mut self) {
+        let Some(mut c) = self.child.take() else {
+            panic!("{} is not running", self.name)
+        };
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let st = c.wait().unwrap();
+        assert!(st.success(), "{} exited {st}:\n{}", self.name, self.log());
     }
 
     /// SIGKILL, reaped.
@@ -152,6 +194,15 @@ impl Drop for Daemon {
     }
 }
 
+/// `ckpt-job` copied into `dir`: a tree maps the binary it runs, so a
+/// rebuild during the test must not change the file CRIU restores.
+pub fn ckpt_job_copy(dir: &Path) -> PathBuf {
+    let p = dir.join("ckpt-job");
+    fs::copy(bin("ckpt-job"), &p).unwrap();
+    p
+}
+
+/// A fresh 32-byte cluster key (hex) at `path`, mode 0600.
 pub fn write_key(path: &Path) {
     let mut bytes = [0u8; 32];
     fs::File::open("/dev/urandom")
@@ -265,10 +316,29 @@ impl Daemons {
         self.agents.get_mut(node.hostname()).unwrap()
     }
 
+    /// The control socket of `node`'s agent.
+    pub fn sock(&self, node: &Node) -> &Path {
+        &self.agents[node.hostname()].sock
+    }
+
+    /// Every daemon's log, and the non-empty stderr files of the trees the
+    /// agents started (ckpt-init's and rsh-exec's complaints).
     pub fn logs(&self) -> String {
         let mut s = format!("--- coordinator:\n{}", self.coord.log());
         for (n, a) in &self.agents {
             s.push_str(&format!("--- agent {n}:\n{}", a.daemon.log()));
+            for job in fs::read_dir(a.state.join("out"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                for f in fs::read_dir(job.path()).into_iter().flatten().flatten() {
+                    let text = fs::read_to_string(f.path()).unwrap_or_default();
+                    if f.path().extension().is_some_and(|e| e == "stderr") && !text.is_empty() {
+                        s.push_str(&format!("--- {}:\n{text}", f.path().display()));
+                    }
+                }
+            }
         }
         s
     }
@@ -282,19 +352,33 @@ impl Daemons {
         out: &Path,
         uid: Option<u32>,
     ) -> pb::TreeSpawned {
-        let sock = &self.agents[node.hostname()].sock;
+        self.spawn_net(node, job, argv, out, uid, true)
+    }
+
+    /// Starts a tree of `job` on `node` through its agent: in the node's
+    /// network namespace (`host_network`), or in one of its own with a job
+    /// address (the coordinator needs a `job_network` for that).
+    pub fn spawn_net(
+        &self,
+        node: &Node,
+        job: &str,
+        argv: &[String],
+        out: &Path,
+        uid: Option<u32>,
+        host_network: bool,
+    ) -> pb::TreeSpawned {
         let req = pb::SpawnTreeRequest {
             job: job.into(),
             argv: argv.to_vec(),
             cwd: "/".into(),
             env: vec!["PATH=/usr/bin:/bin".into()],
-            host_network: true,
+            host_network,
             uid,
             gid: uid,
             stdout: out.display().to_string(),
             stderr: out.with_extension("err").display().to_string(),
         };
-        match call(sock, pb::request::Op::SpawnTree(req), CALL) {
+        match call(self.sock(node), pb::request::Op::SpawnTree(req), CALL) {
             Ok(pb::response::Body::TreeSpawned(t)) => t,
             other => panic!(
                 "spawn_tree on {}: {other:?}\n{}",
@@ -302,6 +386,24 @@ impl Daemons {
                 self.logs()
             ),
         }
+    }
+
+    /// The stdout files of the trees `node`'s agent restored, sorted.
+    pub fn restored_outputs(&self, node: &Node) -> Vec<PathBuf> {
+        let dir = self.agents[node.hostname()].state.join("output");
+        let mut v: Vec<PathBuf> = fs::read_dir(&dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.file_name()
+                            .is_some_and(|n| n.to_string_lossy().ends_with(".stdout"))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
     }
 
     /// A request to the coordinator's control socket.
@@ -320,14 +422,46 @@ impl Daemons {
 
     /// Checkpoints `job` on the nodes the coordinator knows run it.
     pub fn checkpoint(&self, job: &str) -> Result<pb::ClusterCheckpointDone, CallError> {
+        self.checkpoint_on(job, &[], false)
+    }
+
+    /// Checkpoints `job` on `nodes` (none: the nodes the coordinator knows
+    /// run it); `stop` ends the trees once the epoch is committed.
+    pub fn checkpoint_on(
+        &self,
+        job: &str,
+        nodes: &[&Node],
+        stop: bool,
+    ) -> Result<pb::ClusterCheckpointDone, CallError> {
         let op = pb::request::Op::ClusterCheckpoint(pb::ClusterCheckpointRequest {
             job: job.into(),
-            nodes: Vec::new(),
-            stop: false,
+            nodes: nodes.iter().map(|n| n.hostname().to_owned()).collect(),
+            stop,
         });
         match self.ask(op)? {
             pb::response::Body::ClusterCheckpoint(d) => Ok(d),
             other => panic!("checkpoint of {job}: unexpected {other:?}"),
+        }
+    }
+
+    /// Restarts `job` from its last committed epoch, each (image node,
+    /// node to restore it on) of `placement`.
+    pub fn restart(
+        &self,
+        job: &str,
+        placement: &[(&Node, &Node)],
+    ) -> Result<pb::ClusterRestartDone, CallError> {
+        let op = pb::request::Op::ClusterRestart(pb::ClusterRestartRequest {
+            job: job.into(),
+            epoch: 0,
+            placement: placement
+                .iter()
+                .map(|(from, to)| (from.hostname().to_owned(), to.hostname().to_owned()))
+                .collect(),
+        });
+        match self.ask(op)? {
+            pb::response::Body::ClusterRestart(d) => Ok(d),
+            other => panic!("restart of {job}: unexpected {other:?}"),
         }
     }
 
@@ -409,5 +543,33 @@ impl Drop for ThawOnDrop {
         ] {
             self.thaw_under(Path::new(root), 2);
         }
+    }
+}
+
+/// The contents of `p` ("" if it cannot be read yet).
+pub fn read(p: &Path) -> String {
+    fs::read_to_string(p).unwrap_or_default()
+}
+
+/// The highest `step N` of a workload's output.
+pub fn last_step(out: &str) -> u32 {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("step "))
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Polls `ok` until it holds; after `limit`, fails with `what` and
+/// `logs()`.
+pub fn wait_until(what: &str, limit: Duration, logs: &dyn Fn() -> String, ok: &dyn Fn() -> bool) {
+    let t0 = Instant::now();
+    while !ok() {
+        assert!(
+            t0.elapsed() < limit,
+            "timed out ({limit:?}) waiting for {what}\n{}",
+            logs()
+        );
+        sleep(Duration::from_millis(50));
     }
 }

@@ -14,84 +14,15 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::ffi::OsString;
 use std::fs;
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
 use ckpt_e2e::cluster::{require_cluster, Node, TestCluster};
+use ckpt_e2e::daemons::{write_key, Daemon};
 use ckpt_e2e::{bin_dir, require, Prereq};
-
-const WAIT: Duration = Duration::from_secs(30);
-
-struct Proc {
-    what: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn start(node: &Node, mut cmd: Command, what: &str, log: PathBuf) -> Proc {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap());
-        let child = node
-            .spawn(&mut cmd)
-            .unwrap_or_else(|e| panic!("spawning {what} on {}: {e}", node.name()));
-        Proc {
-            what: what.into(),
-            child,
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits for a log line holding every needle.
-    fn wait_for(&mut self, needles: &[&str], extra: &dyn Fn() -> String) {
-        let t0 = Instant::now();
-        loop {
-            let log = self.log();
-            if log.lines().any(|l| needles.iter().all(|n| l.contains(n))) {
-                return;
-            }
-            if let Some(st) = self.child.try_wait().unwrap() {
-                panic!(
-                    "{} ended ({st}) before logging {needles:?}:\n{log}\n{}",
-                    self.what,
-                    extra()
-                );
-            }
-            assert!(
-                t0.elapsed() < WAIT,
-                "{} logged no {needles:?} within {WAIT:?}:\n{log}\n{}",
-                self.what,
-                extra()
-            );
-            sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stop(mut self) {
-        // SIGTERM: the coordinator closes its sessions and exits 0.
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let st = self.child.wait().unwrap();
-        assert!(st.success(), "{} exited {st}:\n{}", self.what, self.log());
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap();
@@ -109,19 +40,8 @@ fn keygen(path: &Path) {
         .arg(path));
 }
 
-fn write_key(path: &Path) {
-    let mut bytes = [0u8; 32];
-    fs::File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(&mut bytes)
-        .unwrap();
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    fs::write(path, format!("{hex}\n")).unwrap();
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
-}
-
 /// An sshd on `node`, port 22 of its address, with its own host key.
-fn sshd(node: &Node, dir: &Path) -> Proc {
+fn sshd(node: &Node, dir: &Path) -> Daemon {
     let name = node.hostname();
     let host_key = dir.join(format!("{name}.host_key"));
     keygen(&host_key);
@@ -139,15 +59,14 @@ fn sshd(node: &Node, dir: &Path) -> Proc {
         ),
     )
     .unwrap();
-    let mut cmd = node.command("/usr/sbin/sshd");
-    cmd.args(["-D", "-e", "-f"]).arg(&cfg);
-    let mut p = Proc::start(
+    let mut p = Daemon::start_program(
         node,
-        cmd,
+        Path::new("/usr/sbin/sshd"),
+        &["-D".into(), "-e".into(), "-f".into(), OsString::from(&cfg)],
         &format!("sshd on {name}"),
-        dir.join(format!("{name}.sshd.log")),
+        &dir.join(format!("{name}.sshd.log")),
     );
-    p.wait_for(&["Server listening on"], &String::new);
+    p.wait_for(&["Server listening on"]);
     p
 }
 
@@ -174,7 +93,7 @@ fn coordinator_starts_hostfile_agents_over_ssh_and_checks_host_keys() {
     let id = dir.join("id_ed25519");
     keygen(&id);
     fs::copy(id.with_extension("pub"), dir.join("authorized_keys")).unwrap();
-    let _sshds: Vec<Proc> = [n1, n2, n3].iter().map(|n| sshd(n, dir)).collect();
+    let _sshds: Vec<Daemon> = [n1, n2, n3].iter().map(|n| sshd(n, dir)).collect();
     // Only nodes 1 and 2 are trusted.
     let known: String = [n1, n2]
         .iter()
@@ -241,20 +160,19 @@ fn coordinator_starts_hostfile_agents_over_ssh_and_checks_host_keys() {
     .unwrap();
 
     let start_coordinator = |run: u32| {
-        let mut cmd = cluster.node(0).command(bin_dir().join("ckpt-coordinator"));
-        cmd.arg("--config").arg(&cfg).env("CKPT_LOG", "info");
-        Proc::start(
+        Daemon::start(
             n0,
-            cmd,
+            dir,
             "ckpt-coordinator",
-            dir.join(format!("coordinator.{run}.log")),
+            &format!("coordinator.{run}"),
+            &cfg,
         )
     };
     let agents = || fs::read_to_string(&agent_log).unwrap_or_default();
     let extra = || format!("--- agents:\n{}", agents());
 
     let mut coord = start_coordinator(1);
-    coord.wait_for(&["SSH launch done", "started=2", "failed=1"], &extra);
+    coord.wait_for_or(&["SSH launch done", "started=2", "failed=1"], &extra);
     let log = coord.log();
     for n in [n1, n2] {
         assert!(
@@ -271,11 +189,11 @@ fn coordinator_starts_hostfile_agents_over_ssh_and_checks_host_keys() {
             && l.contains("host key is not in")),
         "node 3's unknown host key was not refused:\n{log}"
     );
-    coord.wait_for(
+    coord.wait_for_or(
         &["agent connected", &format!("node={}", n1.hostname())],
         &extra,
     );
-    coord.wait_for(&["agent connected", "node=renamed-n2"], &extra);
+    coord.wait_for_or(&["agent connected", "node=renamed-n2"], &extra);
     // Nothing ran on node 3: no agent log line, no state dir.
     assert!(
         !dir.join(format!("{}.state", n3.hostname())).exists(),
@@ -286,17 +204,17 @@ fn coordinator_starts_hostfile_agents_over_ssh_and_checks_host_keys() {
     // Again: the agents still run, the new ones refuse to start beside
     // them, and the running ones come back to the new coordinator.
     let mut coord = start_coordinator(2);
-    coord.wait_for(&["SSH launch done", "started=0", "failed=3"], &extra);
+    coord.wait_for_or(&["SSH launch done", "started=0", "failed=3"], &extra);
     let log = coord.log();
     assert!(
         log.contains("another ckpt-agent (pid"),
         "the second launch did not report the running agent:\n{log}\n{}",
         extra()
     );
-    coord.wait_for(
+    coord.wait_for_or(
         &["agent connected", &format!("node={}", n1.hostname())],
         &extra,
     );
-    coord.wait_for(&["agent connected", "node=renamed-n2"], &extra);
+    coord.wait_for_or(&["agent connected", "node=renamed-n2"], &extra);
     coord.stop();
 }

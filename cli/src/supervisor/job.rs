@@ -198,6 +198,7 @@ impl Job {
             stop,
             freeze_timeout: self.cfg.freeze_timeout,
             rules: &rules,
+            hash_while_dumping: true,
         };
         let mut hooks = Hooks {
             job: self,

@@ -135,8 +135,16 @@ fn bench(n: usize, epochs: usize, rng: &mut Rng) -> Result<(Samples, Memory), St
         let epoch = e as u64 + 1;
         // The agents' side, built before the clock starts.
         let before = live();
-        let mut payloads: Vec<Option<Box<NodeDump>>> =
-            names.iter().map(|nm| Some(payload(nm, &hex))).collect();
+        // DUMPED carries the image, FLUSHED its digests.
+        let mut digests = Vec::with_capacity(names.len());
+        let mut payloads: Vec<Option<Box<NodeDump>>> = names
+            .iter()
+            .map(|nm| {
+                let mut p = payload(nm, &hex);
+                digests.push(Some(std::mem::take(&mut p.image.files)));
+                Some(p)
+            })
+            .collect();
         mem.payload = (live() - before) / n;
         rng.shuffle(&mut order);
         let spec = EpochSpec {
@@ -190,7 +198,10 @@ fn bench(n: usize, epochs: usize, rng: &mut Rng) -> Result<(Samples, Memory), St
             feed(&mut ep, &mut out, i, AgentMsg::Resumed { downtime });
         }
         for &i in order.iter().rev() {
-            feed(&mut ep, &mut out, i, AgentMsg::Flushed);
+            let Some(files) = digests[i as usize].take() else {
+                return Err(fail(n, "digests used twice"));
+            };
+            feed(&mut ep, &mut out, i, AgentMsg::Flushed { files });
         }
         let manifest = match out.pop() {
             Some(Action::WriteManifest(m)) => m,

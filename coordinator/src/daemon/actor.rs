@@ -285,7 +285,9 @@ impl Actor {
             Inbound::Remote { conn, msg } => {
                 if let Some(node) = self.conns.get(&conn).cloned() {
                     let connected: Vec<&str> = self.sessions.keys().map(|n| &**n).collect();
-                    let out = self.remote.handle(&node, msg, &connected);
+                    let out = self
+                        .remote
+                        .handle(&node, msg, &connected, |j| self.reg.owner(j));
                     self.send_remote(out);
                 }
             }

@@ -6,9 +6,18 @@
 //! (write temp, fsync, rename, fsync the dir) *before* the agent hears of
 //! it, and addresses are never released, so an address that a committed
 //! epoch holds can never be handed to another job — even across
-//! coordinator restarts. (A /16 holds 65,534 addresses; releasing those
-//! of jobs whose every epoch is gone is left to the job registry's
-//! retention.)
+//! coordinator restarts. (A /16 holds 65,534 addresses.)
+//!
+//! Why not released when a job ends: the registry cannot tell that a job
+//! has ended for good. No live tree is also the state of a job stopped by
+//! a checkpoint and waiting for its restart (possibly for days, possibly
+//! after a coordinator restart); and whether a committed epoch is left is
+//! the image store's business (retention, `ckpt-job rm`, an admin's
+//! `rm -r`, a copy elsewhere), which the registry does not follow. Released
+//! too early, the address would go to another job and the restore of the
+//! first would then be refused or, worse, collide. Releasing needs an
+//! explicit end of job (the job's removal from the store, through the
+//! coordinator) to hook onto.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;

@@ -425,6 +425,11 @@ impl JobRegistry {
         out
     }
 
+    /// The registered owner (uid, gid) of `job`, if the job is known.
+    pub fn owner(&self, job: &str) -> Option<(u32, u32)> {
+        self.jobs.get(job).map(|r| (r.owner_uid, r.owner_gid))
+    }
+
     /// Every known job's name.
     pub fn names(&self) -> Vec<String> {
         self.jobs.keys().cloned().collect()

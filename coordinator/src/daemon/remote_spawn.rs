@@ -43,11 +43,40 @@ pub(crate) type Outgoing = Vec<(String, pb::Frame)>;
 
 impl RemoteSpawns {
     /// Handles `msg` from the agent of `from`; `connected` lists the nodes
-    /// with a session.
-    pub fn handle(&mut self, from: &str, msg: RemoteMsg, connected: &[&str]) -> Outgoing {
+    /// with a session, `owner` gives a job's registered owner (uid, gid).
+    ///
+    /// A spawn is refused unless its uid is the job's registered owner: the
+    /// asking agent vouches that the asker runs in a tree of the job, and
+    /// the job's trees all belong to its owner, so another uid means a
+    /// confused or lying agent, and the target node must not start a tree
+    /// of the job as someone else.
+    pub fn handle(
+        &mut self,
+        from: &str,
+        msg: RemoteMsg,
+        connected: &[&str],
+        owner: impl Fn(&str) -> Option<(u32, u32)>,
+    ) -> Outgoing {
         match msg {
             RemoteMsg::Spawn(mut s) => {
                 let target = std::mem::take(&mut s.node);
+                let refused = match owner(&s.job) {
+                    None => Some(format!(
+                        "job {:?} is not registered with the coordinator (no tree of it was \
+                         reported): a remote spawn must come from a tree of its job",
+                        s.job
+                    )),
+                    Some((uid, _)) if uid != s.uid => Some(format!(
+                        "uid {} may not start trees of job {:?} on node {target:?}: the job \
+                         belongs to uid {uid}",
+                        s.uid, s.job
+                    )),
+                    Some(_) => None,
+                };
+                if let Some(error) = refused {
+                    tracing::warn!(node = from, target, job = %s.job, uid = s.uid, %error, "remote spawn refused");
+                    return vec![(from.to_owned(), refusal(s.request, &target, error))];
+                }
                 if !connected.contains(&target.as_str()) {
                     let mut known: Vec<&str> = connected.to_vec();
                     known.sort_unstable();
@@ -146,14 +175,70 @@ mod tests {
             node: node.into(),
             job: "j".into(),
             argv: vec!["true".into()],
+            uid: 1000,
+            gid: 1000,
             ..Default::default()
         })
+    }
+
+    /// Job "j" belongs to uid 1000.
+    fn owner(job: &str) -> Option<(u32, u32)> {
+        (job == "j").then_some((1000, 1000))
+    }
+
+    fn refused(out: &Outgoing) -> &pb::RemoteSpawned {
+        assert_eq!(out.len(), 1, "{out:?}");
+        let (to, frame) = &out[0];
+        assert_eq!(to, "n1", "the refusal goes back to the asker");
+        let Some(Body::RemoteSpawned(d)) = &frame.body else {
+            panic!("{frame:?}")
+        };
+        d
+    }
+
+    #[test]
+    fn a_spawn_as_another_uid_than_the_jobs_owner_is_refused() {
+        let mut r = RemoteSpawns::default();
+        let RemoteMsg::Spawn(mut s) = spawn(4, "n2") else {
+            unreachable!()
+        };
+        s.uid = 0;
+        let out = r.handle("n1", RemoteMsg::Spawn(s), &["n1", "n2"], owner);
+        let d = refused(&out);
+        assert_eq!((d.request, d.node.as_str(), d.tree_id), (4, "n2", 0));
+        assert!(
+            d.error.contains("uid 0") && d.error.contains("belongs to uid 1000"),
+            "{}",
+            d.error
+        );
+        assert!(r.pending.is_empty());
+        // The owner's own spawn goes through.
+        let out = r.handle("n1", spawn(5, "n2"), &["n1", "n2"], owner);
+        assert_eq!(out[0].0, "n2");
+    }
+
+    #[test]
+    fn a_spawn_for_an_unregistered_job_is_refused() {
+        let mut r = RemoteSpawns::default();
+        let RemoteMsg::Spawn(mut s) = spawn(9, "n2") else {
+            unreachable!()
+        };
+        s.job = "other".into();
+        let out = r.handle("n1", RemoteMsg::Spawn(s), &["n1", "n2"], owner);
+        let d = refused(&out);
+        assert_eq!(d.request, 9);
+        assert!(
+            d.error.contains("\"other\" is not registered"),
+            "{}",
+            d.error
+        );
+        assert!(r.pending.is_empty());
     }
 
     #[test]
     fn routes_there_and_back_with_each_hops_numbers() {
         let mut r = RemoteSpawns::default();
-        let out = r.handle("n1", spawn(7, "n2"), &["n1", "n2"]);
+        let out = r.handle("n1", spawn(7, "n2"), &["n1", "n2"], owner);
         assert_eq!(out.len(), 1);
         let (to, frame) = &out[0];
         assert_eq!(to, "n2");
@@ -171,9 +256,9 @@ mod tests {
             error: String::new(),
         };
         assert!(r
-            .handle("n3", RemoteMsg::Spawned(answer(1)), &[])
+            .handle("n3", RemoteMsg::Spawned(answer(1)), &[], owner)
             .is_empty());
-        let out = r.handle("n2", RemoteMsg::Spawned(answer(3)), &[]);
+        let out = r.handle("n2", RemoteMsg::Spawned(answer(3)), &[], owner);
         assert_eq!(out.len(), 1);
         let (to, frame) = &out[0];
         assert_eq!(to, "n1");
@@ -183,14 +268,14 @@ mod tests {
         assert_eq!((d.request, d.node.as_str(), d.tree_id), (7, "n2", 3));
         // Answered once only.
         assert!(r
-            .handle("n2", RemoteMsg::Spawned(answer(3)), &[])
+            .handle("n2", RemoteMsg::Spawned(answer(3)), &[], owner)
             .is_empty());
     }
 
     #[test]
     fn unknown_node_is_refused_naming_it_and_the_connected_ones() {
         let mut r = RemoteSpawns::default();
-        let out = r.handle("n1", spawn(1, "nosuch"), &["n2", "n1"]);
+        let out = r.handle("n1", spawn(1, "nosuch"), &["n2", "n1"], owner);
         let (to, frame) = &out[0];
         assert_eq!(to, "n1");
         let Some(Body::RemoteSpawned(d)) = &frame.body else {
@@ -204,8 +289,8 @@ mod tests {
     #[test]
     fn losing_the_target_fails_its_requests() {
         let mut r = RemoteSpawns::default();
-        r.handle("n1", spawn(5, "n2"), &["n1", "n2"]);
-        r.handle("n2", spawn(6, "n1"), &["n1", "n2"]);
+        r.handle("n1", spawn(5, "n2"), &["n1", "n2"], owner);
+        r.handle("n2", spawn(6, "n1"), &["n1", "n2"], owner);
         let out = r.lost("n2");
         assert_eq!(out.len(), 1, "{out:?}");
         let (to, frame) = &out[0];

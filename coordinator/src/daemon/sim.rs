@@ -2,9 +2,10 @@
 //! the handshake and answers the epoch protocol without CRIU, with
 //! scriptable faults.
 //!
-//! PREPARE → READY, DUMP → DUMPED (a fake one-tree image with two file
-//! digests), COMMIT(resume) → RESUMED + FLUSHED, COMMIT(stop) → FLUSHED,
-//! EPOCH_COMMITTED → STOPPED (stop mode), ABORT → ABORTED. A heartbeat goes
+//! PREPARE → READY, DUMP → DUMPED (a fake one-tree image, no digests) and
+//! at once FLUSHED (its two file digests: the sim's flush is instant),
+//! COMMIT(resume) → RESUMED, COMMIT(stop) → nothing, EPOCH_COMMITTED →
+//! STOPPED (stop mode), ABORT → ABORTED. A heartbeat goes
 //! out when nothing else was sent for the interval the coordinator chose.
 //!
 //! Benchmarks run thousands of these next to the coordinator on the same
@@ -34,6 +35,8 @@ use pb::frame::Body;
 pub enum Step {
     Prepare,
     Dump,
+    /// Right after DUMPED went out, instead of FLUSHED.
+    Flush,
     Commit,
     Committed,
 }
@@ -153,9 +156,17 @@ impl SimAgent {
             })?;
         let stats = Arc::new(SimStats::default());
         let node = cfg.node.clone();
+        let mut image = fake_image(&cfg.node);
+        let files = std::mem::take(&mut image.files);
         let agent = Agent {
+            flushed: pb::Flushed {
+                files,
+                bytes: 8192,
+                ..Default::default()
+            }
+            .into(),
             dumped: pb::Dumped {
-                image: Some(fake_image(&cfg.node)),
+                image: Some(image),
                 timings: Some(pb::NodeTimings {
                     dump_ms: 1.0,
                     ..Default::default()
@@ -191,7 +202,8 @@ impl SimAgent {
 }
 
 /// A node image that passes the manifest's checks: one tree, a meta pack
-/// and a page image, each with a digest.
+/// and a page image, each with a digest (DUMPED sends it without the
+/// digests, FLUSHED sends them).
 pub fn fake_image(node: &str) -> pb::NodeImage {
     let meta = format!("{node}.t0.meta.pack");
     let pages = format!("{node}.t0.pages-1.img");
@@ -220,6 +232,8 @@ struct Agent {
     stats: Arc<SimStats>,
     /// The DUMPED frame (this node's image); only job and epoch change.
     dumped: pb::Frame,
+    /// The FLUSHED frame (the image's digests); only job and epoch change.
+    flushed: pb::Frame,
     /// Frames encoded for the next write.
     out: Vec<u8>,
     last_sent: Instant,
@@ -324,6 +338,7 @@ impl Agent {
                 let phase = match step {
                     Step::Prepare => pb::Phase::Prepare,
                     Step::Dump => pb::Phase::Dump,
+                    Step::Flush => pb::Phase::Flush,
                     Step::Commit | Step::Committed => pb::Phase::Commit,
                 };
                 let fail = pb::Fail {
@@ -375,33 +390,37 @@ impl Agent {
                 st.dumps.fetch_add(1, Ordering::Relaxed);
                 if self.fault_at(Step::Dump, &d.job, d.epoch).await? {
                     if let Some(Body::Dumped(m)) = &mut self.dumped.body {
-                        m.job = d.job;
+                        m.job.clone_from(&d.job);
                         m.epoch = d.epoch;
                     }
                     push_frame(&mut self.out, &self.dumped);
-                    self.flush().await?;
+                    // With a fault at the flush, DUMPED goes out before it
+                    // strikes, as a real agent's does; otherwise DUMPED and
+                    // FLUSHED share one write.
+                    if matches!(self.cfg.fault, Some((Step::Flush, _))) {
+                        self.flush().await?;
+                    }
+                    if self.fault_at(Step::Flush, &d.job, d.epoch).await? {
+                        if let Some(Body::Flushed(m)) = &mut self.flushed.body {
+                            m.job = d.job;
+                            m.epoch = d.epoch;
+                        }
+                        push_frame(&mut self.out, &self.flushed);
+                        self.flush().await?;
+                    }
                 }
             }
             Body::Commit(c) => {
                 st.commits.fetch_add(1, Ordering::Relaxed);
-                if self.fault_at(Step::Commit, &c.job, c.epoch).await? {
-                    // Nothing to flush here: RESUMED and FLUSHED go out in
-                    // one write.
-                    if c.action == pb::CommitAction::Resume as i32 {
-                        let resumed = pb::Resumed {
-                            job: c.job.clone(),
-                            epoch: c.epoch,
-                            downtime_ms: ms_since(self.frozen_at.take()),
-                        };
-                        self.push(&resumed.into());
-                    }
-                    let flushed = pb::Flushed {
+                if self.fault_at(Step::Commit, &c.job, c.epoch).await?
+                    && c.action == pb::CommitAction::Resume as i32
+                {
+                    let resumed = pb::Resumed {
                         job: c.job,
                         epoch: c.epoch,
-                        ..Default::default()
+                        downtime_ms: ms_since(self.frozen_at.take()),
                     };
-                    self.push(&flushed.into());
-                    self.flush().await?;
+                    self.send(&resumed.into()).await?;
                 }
             }
             Body::EpochCommitted(c) => {

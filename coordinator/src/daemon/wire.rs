@@ -185,9 +185,11 @@ fn finite_ms(ms: f64) -> f64 {
 }
 
 /// Turns a frame from the authenticated node `peer` into what the
-/// coordinator acts on. A DUMPED whose image is not the peer's own or fails
-/// the manifest's checks becomes a FAIL of that node (the epoch aborts
-/// naming it).
+/// coordinator acts on. A DUMPED whose image is not the peer's own, carries
+/// digests or fails the manifest's checks, and a FLUSHED whose digests are
+/// malformed (bad length, unsafe or repeated names), become a FAIL of that
+/// node (the epoch aborts naming it). Whether FLUSHED's digests cover the
+/// DUMPED image is the epoch's check.
 pub fn from_agent(frame: pb::Frame, peer: &str) -> FromAgent {
     let kind = frame.kind();
     let Some(body) = frame.body else {
@@ -248,7 +250,15 @@ pub fn from_agent(frame: pb::Frame, peer: &str) -> FromAgent {
                 downtime: duration_ms(m.downtime_ms),
             },
         ),
-        Body::Flushed(m) => (m.job, m.epoch, AgentMsg::Flushed),
+        Body::Flushed(m) => {
+            let msg = match m.file_digests(peer) {
+                Ok(files) => AgentMsg::Flushed { files },
+                Err(e) => AgentMsg::Failed {
+                    reason: format!("its FLUSHED was refused: {e}"),
+                },
+            };
+            (m.job, m.epoch, msg)
+        }
         Body::Aborted(m) => {
             return FromAgent::Restart {
                 job: m.job,
@@ -483,6 +493,55 @@ mod tests {
                 msg: AgentMsg::Failed { reason },
                 ..
             } => assert!(reason.contains("n2"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        // DUMPED without digests is taken; FLUSHED brings them, checked.
+        let mut image = crate::daemon::sim::fake_image("n1");
+        let digests = std::mem::take(&mut image.files);
+        let dumped = pb::Frame::from(pb::Dumped {
+            job: "j".into(),
+            epoch: 3,
+            image: Some(image.clone()),
+            ..Default::default()
+        });
+        assert!(matches!(
+            from_agent(dumped, "n1"),
+            FromAgent::Epoch { msg: AgentMsg::Dumped(ref d), .. } if d.image.files.is_empty()
+        ));
+        let mut early = image.clone();
+        early.files = digests.clone();
+        let dumped = pb::Frame::from(pb::Dumped {
+            image: Some(early),
+            ..Default::default()
+        });
+        match from_agent(dumped, "n1") {
+            FromAgent::Epoch {
+                msg: AgentMsg::Failed { reason },
+                ..
+            } => assert!(reason.contains("FLUSHED"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        let flushed = pb::Frame::from(pb::Flushed {
+            job: "j".into(),
+            epoch: 3,
+            files: digests.clone(),
+            ..Default::default()
+        });
+        assert!(matches!(
+            from_agent(flushed, "n1"),
+            FromAgent::Epoch { msg: AgentMsg::Flushed { ref files }, .. } if files.len() == 2
+        ));
+        let mut bad = digests;
+        bad[0].name = "../../etc/passwd".into();
+        let flushed = pb::Frame::from(pb::Flushed {
+            files: bad,
+            ..Default::default()
+        });
+        match from_agent(flushed, "n1") {
+            FromAgent::Epoch {
+                msg: AgentMsg::Failed { reason },
+                ..
+            } => assert!(reason.contains("FLUSHED was refused"), "{reason}"),
             other => panic!("{other:?}"),
         }
         let resumed = pb::Frame::from(pb::Resumed {

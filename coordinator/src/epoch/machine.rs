@@ -28,7 +28,8 @@ pub struct Epoch {
     /// How many agents are in each [`AgentPhase`]: "every agent is X" is
     /// one comparison.
     counts: [u32; AgentPhase::COUNT],
-    /// DUMPED images, indexed by [`NodeId`], until the manifest takes them.
+    /// DUMPED images, indexed by [`NodeId`], completed with the digests of
+    /// FLUSHED, until the manifest takes them.
     images: Vec<Option<NodeImage>>,
     criu_version: Option<String>,
     /// Per-field maximum over the nodes' reports.
@@ -212,7 +213,7 @@ impl Epoch {
             Phase::Dumping => Some(d.dump),
             Phase::Flushing => Some(d.flush),
             Phase::Committing => Some(d.commit),
-            Phase::Stopping => Some(d.finish),
+            Phase::Stopping | Phase::Resuming => Some(d.finish),
             Phase::Done | Phase::Aborted => None,
         }
     }
@@ -233,7 +234,7 @@ impl Epoch {
             Phase::Dumping => t.dump = spent,
             Phase::Flushing => t.flush = spent,
             Phase::Committing => t.commit = spent,
-            Phase::Stopping => t.finish = spent,
+            Phase::Stopping | Phase::Resuming => t.finish = spent,
             Phase::Done | Phase::Aborted => {}
         }
         self.phase = next;
@@ -266,7 +267,7 @@ impl Epoch {
                 .map(|(i, _)| NodeId(i as u32))
                 .collect::<Vec<_>>()
         };
-        if self.phase == Phase::Stopping {
+        if matches!(self.phase, Phase::Stopping | Phase::Resuming) {
             for node in late_nodes() {
                 let node_name = self.node_name(node);
                 self.after_commit
@@ -301,14 +302,16 @@ impl Epoch {
         match result {
             Ok(()) => {
                 let mode = self.spec.mode;
-                match mode {
-                    CheckpointMode::Stop => self.enter(now, Phase::Stopping),
-                    CheckpointMode::Continue => {}
-                }
+                self.enter(
+                    now,
+                    match mode {
+                        CheckpointMode::Stop => Phase::Stopping,
+                        CheckpointMode::Continue => Phase::Resuming,
+                    },
+                );
                 self.broadcast(Command::Committed { mode }, out);
-                if mode == CheckpointMode::Continue {
-                    self.finish(now, out);
-                }
+                // Continue mode: every RESUMED may be in already.
+                self.finish_if_settled(now, out);
             }
             Err(reason) => self.abort(now, AbortReason::CommitFailed { reason }, out),
         }
@@ -324,9 +327,9 @@ impl Epoch {
         if let Some(flush) = self.timings.flush {
             timings.commit_ms = ms(flush);
         }
-        if let (CheckpointMode::Continue, Some(d)) = (self.spec.mode, self.max_downtime) {
-            timings.downtime_ms = ms(d);
-        }
+        // The downtime is not known yet (RESUMED may still be on its way) and
+        // the manifest does not wait for it: `downtime_ms` stays what the
+        // nodes reported with DUMPED (informational).
         timings.total_ms = ms(now.saturating_duration_since(self.started));
         Ok(Manifest {
             format: FORMAT_VERSION,

@@ -55,11 +55,12 @@ pub struct PhaseTimings {
     pub prepare: Option<Duration>,
     /// DUMP → last DUMPED.
     pub dump: Option<Duration>,
-    /// COMMIT → last FLUSHED.
+    /// Last DUMPED (COMMIT) → last FLUSHED.
     pub flush: Option<Duration>,
     /// Manifest handed over → commit result.
     pub commit: Option<Duration>,
-    /// COMMITTED → last STOPPED (stop mode).
+    /// COMMITTED → last STOPPED (stop mode) or RESUMED still missing then
+    /// (continue mode). `total - finish` is request → committed.
     pub finish: Option<Duration>,
     /// Begin → end.
     pub total: Duration,
@@ -97,6 +98,8 @@ pub enum AbortReason {
     },
     #[error("protocol violation: node {node} sent DUMPED for node {claimed:?}")]
     WrongImage { node: String, claimed: String },
+    #[error("node {node} sent FLUSHED with digests that do not fit its image: {reason}")]
+    BadDigests { node: String, reason: String },
     #[error(
         "node {node} runs CRIU {found:?} but other nodes run {expected:?}: \
          one manifest cannot name the CRIU that wrote the images"
@@ -120,6 +123,7 @@ fn timeout_text(phase: Phase, waited: Duration, late: &[String], nodes: u32) -> 
         Phase::Dumping => "DUMPED",
         Phase::Flushing => "FLUSHED",
         Phase::Stopping => "STOPPED",
+        Phase::Resuming => "RESUMED",
         Phase::Committing | Phase::Done | Phase::Aborted => {
             return format!(
                 "timed out while {phase}: the manifest commit did not finish within {}",
@@ -161,7 +165,7 @@ pub enum PostCommitProblem {
     Lost {
         node: String,
     },
-    /// No STOPPED before the finish deadline.
+    /// No STOPPED (RESUMED) before the finish deadline.
     Silent {
         node: String,
     },

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use ckpt_protocol::manifest::CheckpointMode;
 
-use super::tests::{dump, node_name, spec, EPOCH};
+use super::tests::{dump, flushed, node_name, spec, EPOCH};
 use super::*;
 
 /// splitmix64: small, deterministic, good enough to shuffle events.
@@ -43,8 +43,9 @@ impl Rng {
 #[derive(Default)]
 struct World {
     n: usize,
-    /// Per node: sent READY after PREPARE, DUMPED after DUMP, RESUMED and
-    /// FLUSHED after COMMIT, STOPPED after COMMITTED (right epoch).
+    /// Per node: sent READY after PREPARE, DUMPED after DUMP, FLUSHED any
+    /// time after its DUMPED, RESUMED after COMMIT, STOPPED after COMMITTED
+    /// (right epoch).
     ready: Vec<bool>,
     dumped: Vec<bool>,
     resumed: Vec<bool>,
@@ -81,26 +82,32 @@ fn make(kind: MsgKind, node: usize, rng: &mut Rng) -> AgentMsg {
         },
         MsgKind::Dumped => AgentMsg::Dumped(dump(&node_name(node), "4.1.1", 1.0)),
         MsgKind::Resumed => AgentMsg::Resumed { downtime: d },
-        MsgKind::Flushed => AgentMsg::Flushed,
+        MsgKind::Flushed => flushed(node),
         MsgKind::Stopped => AgentMsg::Stopped { downtime: d },
     }
 }
 
 impl World {
-    /// The next message node `i` would send, given the commands it has seen.
-    fn next_for(&self, i: usize, mode: CheckpointMode) -> Option<MsgKind> {
+    /// A next message node `i` could send, given the commands it has seen:
+    /// after DUMPED, FLUSHED and RESUMED come in either order.
+    fn next_for(&self, i: usize, mode: CheckpointMode, rng: &mut Rng) -> Option<MsgKind> {
+        let cont = mode == CheckpointMode::Continue;
         if !self.ready[i] {
-            Some(MsgKind::Ready)
-        } else if self.dump_sent && !self.dumped[i] {
-            Some(MsgKind::Dumped)
-        } else if self.commit_sent && mode == CheckpointMode::Continue && !self.resumed[i] {
-            Some(MsgKind::Resumed)
-        } else if self.commit_sent && !self.flushed[i] {
-            Some(MsgKind::Flushed)
-        } else if self.committed_sent && mode == CheckpointMode::Stop && !self.stopped[i] {
-            Some(MsgKind::Stopped)
-        } else {
-            None
+            return Some(MsgKind::Ready);
+        }
+        if self.dump_sent && !self.dumped[i] {
+            return Some(MsgKind::Dumped);
+        }
+        let flush = self.dumped[i] && !self.flushed[i];
+        let resume = self.commit_sent && cont && !self.resumed[i];
+        match (flush, resume) {
+            (true, true) if rng.chance(50) => Some(MsgKind::Flushed),
+            (_, true) => Some(MsgKind::Resumed),
+            (true, false) => Some(MsgKind::Flushed),
+            (false, false) if self.committed_sent && !cont && !self.stopped[i] => {
+                Some(MsgKind::Stopped)
+            }
+            (false, false) => None,
         }
     }
 
@@ -112,9 +119,7 @@ impl World {
             MsgKind::Ready => self.ready[i] = true,
             MsgKind::Dumped if self.dump_sent => self.dumped[i] = true,
             MsgKind::Resumed if self.commit_sent && cont => self.resumed[i] = true,
-            MsgKind::Flushed if self.commit_sent && (!cont || self.resumed[i]) => {
-                self.flushed[i] = true
-            }
+            MsgKind::Flushed if self.dumped[i] => self.flushed[i] = true,
             MsgKind::Stopped if self.committed_sent => self.stopped[i] = true,
             _ => {}
         }
@@ -167,8 +172,14 @@ impl World {
                         all(&self.dumped) && all(&self.flushed),
                         "{ctx}: manifest before every DUMPED and FLUSHED"
                     );
-                    if m.mode == CheckpointMode::Continue {
-                        assert!(all(&self.resumed), "{ctx}: manifest before every RESUMED");
+                    assert!(self.commit_sent, "{ctx}: manifest before COMMIT");
+                    // Digests come from FLUSHED only.
+                    for (i, node) in m.nodes.iter().enumerate() {
+                        assert_eq!(
+                            node.files,
+                            super::tests::digests(&node_name(i)),
+                            "{ctx}: digests not from FLUSHED"
+                        );
                     }
                     assert_eq!(m.nodes.len(), self.n, "{ctx}");
                     for (i, node) in m.nodes.iter().enumerate() {
@@ -179,6 +190,11 @@ impl World {
                 }
                 Action::Done(o) => {
                     assert_eq!(k + 1, actions.len(), "{ctx}: Done is not last");
+                    // A committed continue-mode epoch ends once every tree
+                    // resumed (or the finish deadline passed, in faulty runs).
+                    if o.committed() && o.mode == CheckpointMode::Continue && all(&self.resumed) {
+                        assert!(o.max_downtime.is_some(), "{ctx}: no downtime: {o:?}");
+                    }
                     assert_eq!(o.committed(), self.committed_sent, "{ctx}: verdict {o:?}");
                     assert_eq!(o.committed(), !self.abort_sent, "{ctx}: verdict {o:?}");
                     self.done = Some(o.clone());
@@ -246,7 +262,7 @@ fn run(seed: u64, faulty: bool) -> bool {
             let mut pick = None;
             for k in 0..n {
                 let j = (start + k) % n;
-                if let Some(kind) = w.next_for(j, mode) {
+                if let Some(kind) = w.next_for(j, mode, &mut rng) {
                     pick = Some((j, kind));
                     break;
                 }
@@ -358,6 +374,12 @@ fn run(seed: u64, faulty: bool) -> bool {
     assert!(!(w.committed_sent && w.abort_sent), "seed {seed}");
     if !faulty {
         assert!(o.committed(), "seed {seed}: clean run aborted: {o:?}");
+        if mode == CheckpointMode::Continue {
+            assert!(all(&w.resumed), "seed {seed}: done before every RESUMED");
+            assert!(o.max_downtime.is_some(), "seed {seed}");
+        } else {
+            assert!(all(&w.stopped), "seed {seed}: done before every STOPPED");
+        }
     }
     o.committed()
 }

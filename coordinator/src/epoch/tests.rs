@@ -38,15 +38,31 @@ pub(super) fn spec(mode: CheckpointMode) -> EpochSpec {
     }
 }
 
-/// A plausible DUMPED payload for node `name`.
+/// The digests of [`dump`]'s files, as node `name`'s FLUSHED brings them.
+pub(super) fn digests(name: &str) -> Vec<FileDigest> {
+    let digest = |n: String| FileDigest {
+        blake3: blake3::hash(n.as_bytes()).to_hex().to_string(),
+        name: n,
+        size: 4096,
+    };
+    vec![
+        digest(format!("{name}.t0.meta.pack")),
+        digest(format!("{name}.t0.pages-1.img")),
+    ]
+}
+
+/// FLUSHED of node `i`.
+pub(super) fn flushed(i: usize) -> AgentMsg {
+    AgentMsg::Flushed {
+        files: digests(&node_name(i)),
+    }
+}
+
+/// A plausible DUMPED payload for node `name` (no digests: FLUSHED brings
+/// them).
 pub(super) fn dump(name: &str, criu: &str, dump_ms: f64) -> Box<NodeDump> {
     let meta = format!("{name}.t0.meta.pack");
     let pages = format!("{name}.t0.pages-1.img");
-    let digest = |n: &str| FileDigest {
-        name: n.to_owned(),
-        size: 4096,
-        blake3: blake3::hash(n.as_bytes()).to_hex().to_string(),
-    };
     Box::new(NodeDump {
         image: NodeImage {
             node: name.to_owned(),
@@ -64,7 +80,7 @@ pub(super) fn dump(name: &str, criu: &str, dump_ms: f64) -> Box<NodeDump> {
                 init_dir: None,
                 init_binary: None,
             }],
-            files: vec![digest(&meta), digest(&pages)],
+            files: Vec::new(),
         },
         criu_version: criu.to_owned(),
         timings: Timings {
@@ -191,7 +207,7 @@ fn happy_path_continue() {
         downtime: Duration::from_millis(55 + i as u64),
     });
     h.at(300);
-    let out = h.all(|_| AgentMsg::Flushed);
+    let out = h.all(flushed);
     assert_eq!(h.e.phase(), Phase::Committing);
     assert!(commands(&out).is_empty());
     let m = manifest(&out);
@@ -204,7 +220,8 @@ fn happy_path_continue() {
     let names: Vec<_> = m.nodes.iter().map(|n| n.node.as_str()).collect();
     assert_eq!(names, ["n0", "n1", "n2"]);
     assert_eq!(m.timings.dump_ms, 30.0);
-    assert_eq!(m.timings.downtime_ms, 57.0);
+    // The manifest does not depend on RESUMED.
+    assert_eq!(m.timings.downtime_ms, 0.0);
     assert_eq!(m.timings.commit_ms, 250.0);
     assert_eq!(m.timings.total_ms, 300.0);
 
@@ -220,7 +237,8 @@ fn happy_path_continue() {
     assert_eq!(o.timings.dump, ms(40));
     assert_eq!(o.timings.flush, ms(250));
     assert_eq!(o.timings.commit, ms(20));
-    assert_eq!(o.timings.finish, None);
+    // Every RESUMED was in before the commit: nothing left to wait for.
+    assert_eq!(o.timings.finish, ms(0));
     assert_eq!(o.timings.total, Duration::from_millis(320));
     assert_eq!(o.max_downtime, ms(57));
     assert_eq!(h.e.phase(), Phase::Done);
@@ -241,7 +259,7 @@ fn happy_path_stop() {
     let (mut h, _) = H::new(2, Stop);
     h.reach_flushing(Stop);
     h.at(200);
-    let out = h.all(|_| AgentMsg::Flushed);
+    let out = h.all(flushed);
     assert_eq!(manifest(&out).mode, Stop);
     let (_, out) = h.ev(Event::CommitSucceeded);
     assert_eq!(commands(&out), [Command::Committed { mode: Stop }]);
@@ -370,7 +388,7 @@ fn timeout_lists_at_most_ten_names() {
 fn commit_failed_aborts() {
     let (mut h, _) = H::new(2, Stop);
     h.reach_flushing(Stop);
-    let out = h.all(|_| AgentMsg::Flushed);
+    let out = h.all(flushed);
     let _ = manifest(&out);
     let (_, out) = h.ev(Event::CommitFailed {
         reason: "ENOSPC".into(),
@@ -388,7 +406,7 @@ fn commit_timeout_aborts_and_a_late_commit_is_flagged() {
         downtime: Duration::ZERO,
     });
     h.at(100);
-    let _ = h.all(|_| AgentMsg::Flushed);
+    let _ = h.all(flushed);
     h.at(600);
     let (_, out) = h.ev(Event::Tick);
     let (phase, reason) = aborted(&out);
@@ -412,7 +430,7 @@ fn commit_result_past_the_deadline_is_still_taken() {
         },
     );
     h.at(100);
-    let _ = h.msg(0, AgentMsg::Flushed);
+    let _ = h.msg(0, flushed(0));
     h.at(10_000);
     let (_, out) = h.ev(Event::CommitSucceeded);
     assert!(outcome(&out).committed());
@@ -541,7 +559,7 @@ fn order_within_the_commit_phase_is_enforced() {
     // Stop mode: STOPPED before the commit.
     let (mut h, _) = H::new(2, Stop);
     h.reach_flushing(Stop);
-    let _ = h.msg(0, AgentMsg::Flushed);
+    let _ = h.msg(0, flushed(0));
     let (_, out) = h.msg(
         0,
         AgentMsg::Stopped {
@@ -555,10 +573,10 @@ fn order_within_the_commit_phase_is_enforced() {
             ..
         }
     ));
-    // Continue mode: RESUMED comes before FLUSHED.
+    // FLUSHED before the node's DUMPED.
     let (mut h, _) = H::new(2, Continue);
-    h.reach_flushing(Continue);
-    let (_, out) = h.msg(1, AgentMsg::Flushed);
+    h.all(|_| AgentMsg::Ready);
+    let (_, out) = h.msg(1, flushed(1));
     assert!(matches!(
         aborted(&out).1,
         AbortReason::ProtocolViolation {
@@ -566,6 +584,157 @@ fn order_within_the_commit_phase_is_enforced() {
             ..
         }
     ));
+    // RESUMED before COMMIT went out (the node had DUMPED).
+    let (mut h, _) = H::new(2, Continue);
+    h.all(|_| AgentMsg::Ready);
+    let _ = h.msg(0, AgentMsg::Dumped(dump("n0", "4.1.1", 1.0)));
+    let (_, out) = h.msg(
+        0,
+        AgentMsg::Resumed {
+            downtime: Duration::ZERO,
+        },
+    );
+    assert!(matches!(
+        aborted(&out).1,
+        AbortReason::ProtocolViolation {
+            msg: MsgKind::Resumed,
+            phase: Phase::Dumping,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn flushed_before_commit_and_resumed_after_the_manifest() {
+    let (mut h, _) = H::new(2, Continue);
+    h.at(10);
+    h.all(|_| AgentMsg::Ready);
+    h.at(20);
+    // n0 dumps and flushes before n1 has dumped: no COMMIT, no manifest.
+    let (_, out) = h.msg(0, AgentMsg::Dumped(dump("n0", "4.1.1", 1.0)));
+    assert!(out.is_empty(), "{out:?}");
+    let (hd, out) = h.msg(0, flushed(0));
+    assert_eq!(hd, Handled::Applied);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(h.e.phase(), Phase::Dumping);
+    // A duplicate FLUSHED is ignored.
+    let (hd, _) = h.msg(0, flushed(0));
+    assert_eq!(
+        hd,
+        Handled::Ignored(Ignored::Duplicate {
+            node: NodeId(0),
+            msg: MsgKind::Flushed
+        })
+    );
+    // The last DUMPED: COMMIT, and no manifest while n1 is not flushed.
+    h.at(30);
+    let (_, out) = h.msg(1, AgentMsg::Dumped(dump("n1", "4.1.1", 1.0)));
+    assert_eq!(commands(&out), [Command::Commit { mode: Continue }]);
+    assert!(!out.iter().any(|a| matches!(a, Action::WriteManifest(_))));
+    // n0 resumes while n1 still flushes.
+    h.at(35);
+    let (hd, out) = h.msg(
+        0,
+        AgentMsg::Resumed {
+            downtime: Duration::from_millis(25),
+        },
+    );
+    assert_eq!(hd, Handled::Applied);
+    assert!(out.is_empty());
+    h.at(60);
+    let (_, out) = h.msg(1, flushed(1));
+    let m = manifest(&out);
+    m.validate().unwrap();
+    assert_eq!(m.nodes[1].files, digests("n1"));
+    assert_eq!(h.e.phase(), Phase::Committing);
+    // Committed before n1's RESUMED: the epoch waits for it.
+    h.at(70);
+    let (_, out) = h.ev(Event::CommitSucceeded);
+    assert_eq!(commands(&out), [Command::Committed { mode: Continue }]);
+    assert!(!out.iter().any(|a| matches!(a, Action::Done(_))));
+    assert_eq!(h.e.phase(), Phase::Resuming);
+    assert!(h.e.phase().is_committed());
+    // A cancel cannot undo it.
+    let (hd, _) = h.ev(Event::Cancel {
+        reason: "late".into(),
+    });
+    assert_eq!(hd, Handled::Ignored(Ignored::CancelAfterCommit));
+    h.at(80);
+    let (_, out) = h.msg(
+        1,
+        AgentMsg::Resumed {
+            downtime: Duration::from_millis(50),
+        },
+    );
+    let o = outcome(&out);
+    assert!(o.committed());
+    assert_eq!(o.max_downtime, Some(Duration::from_millis(50)));
+    assert_eq!(o.timings.finish, Some(Duration::from_millis(10)));
+    assert_eq!(
+        o.timings.total - o.timings.finish.unwrap(),
+        Duration::from_millis(70)
+    );
+}
+
+#[test]
+fn every_flushed_before_the_last_dumped_commits_in_one_step() {
+    for mode in [Continue, Stop] {
+        let (mut h, _) = H::new(3, mode);
+        h.all(|_| AgentMsg::Ready);
+        for i in 0..2 {
+            let _ = h.msg(i, AgentMsg::Dumped(dump(&node_name(i), "4.1.1", 1.0)));
+            let _ = h.msg(i, flushed(i));
+        }
+        let (_, out) = h.msg(2, AgentMsg::Dumped(dump("n2", "4.1.1", 1.0)));
+        assert_eq!(commands(&out), [Command::Commit { mode }]);
+        assert!(!out.iter().any(|a| matches!(a, Action::WriteManifest(_))));
+        let (_, out) = h.msg(2, flushed(2));
+        manifest(&out).validate().unwrap();
+    }
+}
+
+#[test]
+fn a_silent_resume_after_the_commit_is_a_problem_not_an_abort() {
+    let (mut h, _) = H::new(2, Continue);
+    h.reach_flushing(Continue);
+    h.at(100);
+    let _ = h.all(flushed);
+    let _ = h.msg(
+        0,
+        AgentMsg::Resumed {
+            downtime: Duration::from_millis(5),
+        },
+    );
+    h.at(110);
+    let (_, out) = h.ev(Event::CommitSucceeded);
+    assert!(!out.iter().any(|a| matches!(a, Action::Done(_))));
+    // Past the finish deadline without n1's RESUMED.
+    h.at(110 + DEADLINES.finish.as_millis() as u64);
+    let (_, out) = h.ev(Event::Tick);
+    let o = outcome(&out);
+    assert!(o.committed());
+    assert_eq!(
+        o.after_commit,
+        [PostCommitProblem::Silent { node: "n1".into() }]
+    );
+    assert!(!commands(&out)
+        .iter()
+        .any(|c| matches!(c, Command::Abort { .. })));
+}
+
+#[test]
+fn flushed_digests_that_miss_a_file_abort() {
+    let (mut h, _) = H::new(2, Stop);
+    h.reach_flushing(Stop);
+    let mut files = digests("n0");
+    files.pop();
+    let (_, out) = h.msg(0, AgentMsg::Flushed { files });
+    let (phase, reason) = aborted(&out);
+    assert_eq!(phase, Phase::Flushing);
+    assert!(matches!(reason, AbortReason::BadDigests { node, .. } if node == "n0"));
+    assert!(commands(&out)
+        .iter()
+        .any(|c| matches!(c, Command::Abort { .. })));
 }
 
 #[test]
@@ -588,7 +757,7 @@ fn wrong_image_or_mixed_criu_aborts() {
 fn failure_after_commit_does_not_abort() {
     let (mut h, _) = H::new(4, Stop);
     h.reach_flushing(Stop);
-    let _ = h.all(|_| AgentMsg::Flushed);
+    let _ = h.all(flushed);
     let _ = h.ev(Event::CommitSucceeded);
     assert!(h.e.phase().is_committed());
     let (hd, out) = h.msg(
@@ -644,7 +813,7 @@ fn silent_nodes_after_commit_are_listed_at_the_finish_deadline() {
     let (mut h, _) = H::new(3, Stop);
     h.reach_flushing(Stop);
     h.at(100);
-    let _ = h.all(|_| AgentMsg::Flushed);
+    let _ = h.all(flushed);
     let _ = h.ev(Event::CommitSucceeded);
     let _ = h.msg(
         1,

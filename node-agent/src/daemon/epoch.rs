@@ -2,28 +2,39 @@
 //! commands for the job in order and keeps the agent-side phase.
 //!
 //! ```text
-//!        PREPARE: freeze+drain          DUMP: CRIU          COMMIT(stop): flush
-//!  Idle ───────────────────────► Ready ──────────► Dumped ─────────────────────► Flushed
-//!   ▲   READY | FAIL (thawed)          DUMPED | FAIL  │    FLUSHED (still frozen)    │
-//!   │                                                  │ COMMIT(resume): thaw,       │ COMMITTED:
-//!   │                                                  │ RESUMED, flush, FLUSHED     │ SIGKILL, thaw,
-//!   └──────────────────────────────────────────────────┴─────────────────────────────┘ STOPPED
-//!  ABORT (any phase): thaw, drop this node's files, ABORTED.
+//!        PREPARE: freeze+drain          DUMP: CRIU + pack        flush done
+//!  Idle ───────────────────────► Ready ──────────────► Dumped ─────────────► Flushed
+//!   ▲   READY | FAIL (thawed)      DUMPED (no digests) │  FLUSHED (digests)   │ (stop mode: still
+//!   │                              and the flush starts│                      │  frozen; COMMITTED:
+//!   │                              in the background   │                      │  SIGKILL, STOPPED)
+//!   │          COMMIT(resume), in either phase: thaw, RESUMED (the flush goes on)
+//!   └──────────────────────────────────────────────────┴──────────────────────┘
+//!  ABORT (any phase): stop the flush, thaw, drop this node's files, ABORTED.
 //!  Coordinator lost, or `frozen_max` past: thaw (fail closed); the files
-//!  are dropped unless FLUSHED in stop mode (the commit may have happened).
+//!  are dropped unless FLUSHED went out (the commit may have happened).
 //! ```
+//!
+//! DUMPED goes out as soon as the images are complete in the page cache.
+//! The flush (digest + fsync of every file, FLUSHED with the digests) runs
+//! on the blocking pool on its own: the task goes on taking COMMIT and
+//! ABORT meanwhile, so a continue-mode tree thaws without waiting for
+//! digests. In continue mode nothing hashes during the dump (CRIU alone is
+//! the downtime); in stop mode the page-file follower hashes while CRIU
+//! writes, since the tree stays frozen until COMMITTED anyway.
 //!
 //! Commands are handled one at a time: an ABORT that arrives during a CRIU
 //! dump waits for the dump (which cannot be interrupted safely) and then
 //! thaws the tree.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ckpt_protocol::cluster::{node_image_to_wire, pb};
-use ckpt_protocol::manifest::FileDigest;
+use ckpt_protocol::cluster::{digests_to_wire, node_image_to_wire, pb};
+use ckpt_protocol::manifest::CheckpointMode;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use super::ops::{self, ms};
 use super::restore::Held;
@@ -47,9 +58,10 @@ pub(crate) enum Cmd {
 enum Phase {
     /// Frozen and drained (READY sent).
     Ready,
-    /// Dumped (DUMPED sent), still frozen.
+    /// Dumped (DUMPED sent), still frozen; the flush runs.
     Dumped,
-    /// Stop mode: flushed (FLUSHED sent), frozen until COMMITTED.
+    /// Flushed (FLUSHED sent), still frozen: until COMMITTED in stop mode,
+    /// until COMMIT in continue mode.
     Flushed,
 }
 
@@ -63,7 +75,36 @@ pub(super) struct Frozen {
     frozen_at: Instant,
     /// `frozen_max` from PREPARE: past it the agent thaws on its own.
     deadline: tokio::time::Instant,
-    files: Vec<FileDigest>,
+    mode: CheckpointMode,
+}
+
+/// The flush of one epoch's files, running on the blocking pool.
+#[derive(Debug)]
+pub(super) struct Flushing {
+    epoch: u64,
+    /// Set by ABORT (or a newer epoch): the flush stops at the next file
+    /// or MiB and its result is dropped.
+    cancel: Arc<AtomicBool>,
+    task: JoinHandle<Result<Option<ops::Flushed>, String>>,
+    /// When DUMPED went out.
+    started: Instant,
+}
+
+impl Flushing {
+    fn cancel(self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The running flush's result, or never if none runs.
+async fn flush_done(f: &mut Option<Flushing>) -> Result<Option<ops::Flushed>, String> {
+    match f {
+        Some(f) => match (&mut f.task).await {
+            Ok(r) => r,
+            Err(e) => Err(format!("the agent's flush worker failed: {e}")),
+        },
+        None => std::future::pending().await,
+    }
 }
 
 pub(super) struct JobTask {
@@ -75,6 +116,8 @@ pub(super) struct JobTask {
     pub(super) last: Option<(u64, PathBuf)>,
     /// This node's part of a restart (restore.rs).
     pub(super) restore: Option<Held>,
+    /// The flush of the last dumped epoch, until FLUSHED (or ABORT).
+    pub(super) flush: Option<Flushing>,
 }
 
 /// Runs the job's task until its sender is dropped (then any frozen tree is
@@ -86,6 +129,7 @@ pub(crate) async fn run(shared: Arc<Shared>, job: String, mut rx: mpsc::Unbounde
         frozen: None,
         last: None,
         restore: None,
+        flush: None,
     };
     loop {
         let frozen = t.frozen.as_ref().map(|f| f.deadline);
@@ -94,21 +138,33 @@ pub(crate) async fn run(shared: Arc<Shared>, job: String, mut rx: mpsc::Unbounde
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let cmd = match deadline {
-            Some(deadline) => match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(c) => c,
-                Err(_) => {
-                    let now = tokio::time::Instant::now();
-                    if frozen.is_some_and(|d| d <= now) {
-                        t.expired().await;
-                    }
-                    if held.is_some_and(|d| d <= now) {
-                        t.restore_expired().await;
-                    }
-                    continue;
+        let recv = async {
+            match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, rx.recv()).await.ok(),
+                None => Some(rx.recv().await),
+            }
+        };
+        let received = tokio::select! {
+            r = recv => r,
+            r = flush_done(&mut t.flush) => {
+                if let Some(f) = t.flush.take() {
+                    t.flushed(f.epoch, f.started, r).await;
                 }
-            },
-            None => rx.recv().await,
+                continue;
+            }
+        };
+        let cmd = match received {
+            Some(c) => c,
+            None => {
+                let now = tokio::time::Instant::now();
+                if frozen.is_some_and(|d| d <= now) {
+                    t.expired().await;
+                }
+                if held.is_some_and(|d| d <= now) {
+                    t.restore_expired().await;
+                }
+                continue;
+            }
         };
         match cmd {
             Some(Cmd::Frame(body)) => t.on_frame(body).await,
@@ -197,8 +253,14 @@ impl JobTask {
         }
         // A restart that resumed is over once the job is checkpointed again.
         self.restore = None;
+        // A flush of an older epoch that is still running: that epoch was
+        // given up (a committed one has all its FLUSHED).
+        if let Some(f) = self.flush.take_if(|f| f.epoch != epoch) {
+            f.cancel();
+        }
         let checked = (|| {
-            p.checkpoint_mode("coordinator")
+            let mode = p
+                .checkpoint_mode("coordinator")
                 .map_err(|e| e.to_string())?;
             let d = p.deadlines.ok_or("PREPARE carries no deadlines")?;
             if d.frozen_max_ms == 0 {
@@ -207,9 +269,9 @@ impl JobTask {
             if !Path::new(&p.epoch_dir).is_absolute() {
                 return Err(format!("epoch dir {:?} is not absolute", p.epoch_dir));
             }
-            Ok(d)
+            Ok((mode, d))
         })();
-        let deadlines = match checked {
+        let (mode, deadlines) = match checked {
             Ok(d) => d,
             Err(reason) => return self.fail(epoch, pb::Phase::Prepare, reason),
         };
@@ -237,7 +299,7 @@ impl JobTask {
                     trees,
                     frozen_at,
                     deadline,
-                    files: Vec::new(),
+                    mode,
                 });
                 self.status(epoch, pb::NodePhase::Ready);
                 self.send(pb::Ready {
@@ -266,6 +328,10 @@ impl JobTask {
         self.shared
             .set_status(&self.job, epoch, pb::NodePhase::Dumping);
         let (shared, trees, dir) = (self.shared.clone(), f.trees.clone(), f.dir.clone());
+        // Stop mode: the tree stays frozen until COMMITTED anyway, so the
+        // page files are hashed while CRIU writes them. Continue mode: CRIU
+        // alone, the hashing comes after the thaw.
+        let hash_while_dumping = f.mode == CheckpointMode::Stop;
         let r = blocking(move || {
             ops::dump(
                 &shared.criu,
@@ -273,6 +339,7 @@ impl JobTask {
                 &trees,
                 &dir,
                 shared.cfg.freeze_timeout,
+                hash_while_dumping,
             )
         })
         .await
@@ -284,8 +351,8 @@ impl JobTask {
         match r {
             Ok((d, image)) => {
                 f.held = Phase::Dumped;
-                f.files = d.image.files.clone();
-                tracing::info!(node = %self.shared.cfg.node, job = %self.job, epoch, dump_ms = d.dump_ms, files = f.files.len(), "dumped");
+                let dir = f.dir.clone();
+                tracing::info!(node = %self.shared.cfg.node, job = %self.job, epoch, dump_ms = d.dump_ms, capture_ms = d.capture_ms, pack_ms = d.pack_ms, sealed = d.sealed.len(), pending = d.pending.len(), hash_while_dumping, "dumped");
                 self.status(epoch, pb::NodePhase::Dumped);
                 self.send(pb::Dumped {
                     job: self.job.clone(),
@@ -295,9 +362,21 @@ impl JobTask {
                         dump_ms: d.dump_ms,
                         capture_ms: d.capture_ms,
                         pack_ms: d.pack_ms,
-                        digest_ms: d.digest_ms,
+                        digest_ms: 0.0,
                     }),
                     criu_version: self.shared.criu_version.clone(),
+                });
+                // The flush starts now, without waiting for COMMIT.
+                let cancel = Arc::new(AtomicBool::new(false));
+                let stop = cancel.clone();
+                let (sealed, pending) = (d.sealed, d.pending);
+                let task =
+                    tokio::task::spawn_blocking(move || ops::flush(&dir, sealed, &pending, &stop));
+                self.flush = Some(Flushing {
+                    epoch,
+                    cancel,
+                    task,
+                    started: Instant::now(),
                 });
             }
             Err(reason) => {
@@ -307,16 +386,60 @@ impl JobTask {
         }
     }
 
+    /// The background flush of `epoch` ended.
+    async fn flushed(
+        &mut self,
+        epoch: u64,
+        started: Instant,
+        r: Result<Option<ops::Flushed>, String>,
+    ) {
+        let still_frozen = self.frozen.as_ref().is_some_and(|f| f.epoch == epoch);
+        let done = match r {
+            Ok(Some(done)) => done,
+            Ok(None) => return, // cancelled: the epoch is gone
+            Err(reason) => {
+                if still_frozen {
+                    // Thaw (fail closed); ABORT drops the files.
+                    self.drop_frozen(false).await;
+                }
+                if self.frozen.is_none() {
+                    self.status(epoch, pb::NodePhase::Idle);
+                }
+                return self.fail(epoch, pb::Phase::Flush, reason);
+            }
+        };
+        let files = match digests_to_wire(&done.files) {
+            Ok(files) => files,
+            Err(e) => return self.fail(epoch, pb::Phase::Flush, e.to_string()),
+        };
+        if let Some(f) = self.frozen.as_mut().filter(|f| f.epoch == epoch) {
+            f.held = Phase::Flushed;
+        } else if self.frozen.is_none() {
+            self.status(epoch, pb::NodePhase::Idle);
+        }
+        let flush_ms = ms(started.elapsed());
+        tracing::info!(node = %self.shared.cfg.node, job = %self.job, epoch, flush_ms, digest_ms = done.digest_ms, bytes = done.bytes, files = files.len(), "flushed");
+        self.send(pb::Flushed {
+            job: self.job.clone(),
+            epoch,
+            bytes: done.bytes,
+            flush_ms,
+            files,
+            digest_ms: done.digest_ms,
+        });
+    }
+
     async fn commit(&mut self, epoch: u64, action: i32) {
-        if !self.frozen_in(epoch, Phase::Dumped) {
+        let dumped = self
+            .frozen
+            .as_ref()
+            .is_some_and(|f| f.epoch == epoch && matches!(f.held, Phase::Dumped | Phase::Flushed));
+        if !dumped {
             return self.fail(epoch, pb::Phase::Commit, self.not_in(epoch, "DUMPED"));
         }
-        let Some(f) = self.frozen.as_mut() else {
-            return;
-        };
-        let (dir, files) = (f.dir.clone(), f.files.clone());
         match pb::CommitAction::try_from(action) {
             Ok(pb::CommitAction::Resume) => {
+                // Thaw now, whether the flush is done or not.
                 let Some(f) = self.frozen.take() else { return };
                 let trees = f.trees.clone();
                 let _ = blocking(move || ops::thaw(&trees)).await;
@@ -327,50 +450,25 @@ impl JobTask {
                     epoch,
                     downtime_ms,
                 });
-                self.status(epoch, pb::NodePhase::Flushing);
-                match self.flush(epoch, dir, files).await {
-                    Ok(m) => self.send(m),
-                    Err(reason) => self.fail(epoch, pb::Phase::Flush, reason),
-                }
-                self.status(epoch, pb::NodePhase::Idle);
+                let flushing = self.flush.as_ref().is_some_and(|fl| fl.epoch == epoch);
+                self.status(
+                    epoch,
+                    if flushing {
+                        pb::NodePhase::Flushing
+                    } else {
+                        pb::NodePhase::Idle
+                    },
+                );
             }
-            Ok(pb::CommitAction::Stop) => {
-                self.status(epoch, pb::NodePhase::Flushing);
-                match self.flush(epoch, dir, files).await {
-                    Ok(m) => {
-                        if let Some(f) = self.frozen.as_mut() {
-                            f.held = Phase::Flushed;
-                        }
-                        self.send(m);
-                    }
-                    Err(reason) => {
-                        self.drop_frozen(false).await;
-                        self.fail(epoch, pb::Phase::Flush, reason);
-                    }
-                }
-            }
+            // The tree stays frozen until COMMITTED; FLUSHED goes out when
+            // the flush is done (or went out already).
+            Ok(pb::CommitAction::Stop) => {}
             _ => self.fail(
                 epoch,
                 pb::Phase::Commit,
                 format!("COMMIT with unknown action {action}"),
             ),
         }
-    }
-
-    async fn flush(
-        &self,
-        epoch: u64,
-        dir: PathBuf,
-        files: Vec<FileDigest>,
-    ) -> Result<pb::Flushed, String> {
-        let t0 = Instant::now();
-        let bytes = blocking(move || ops::flush(&dir, &files)).await??;
-        Ok(pb::Flushed {
-            job: self.job.clone(),
-            epoch,
-            bytes,
-            flush_ms: ms(t0.elapsed()),
-        })
     }
 
     async fn committed(&mut self, epoch: u64) {
@@ -395,6 +493,9 @@ impl JobTask {
     async fn abort(&mut self, epoch: u64, reason: &str) {
         tracing::info!(node = %self.shared.cfg.node, job = %self.job, epoch, %reason, "abort");
         self.status(epoch, pb::NodePhase::Aborting);
+        if let Some(f) = self.flush.take_if(|f| f.epoch == epoch) {
+            f.cancel();
+        }
         if self.frozen.as_ref().is_some_and(|f| f.epoch == epoch) {
             self.drop_frozen(true).await;
         } else if let Some((_, dir)) = self.last.take_if(|l| l.0 == epoch) {
@@ -425,8 +526,8 @@ impl JobTask {
         }
     }
 
-    /// Fail closed without the coordinator: thaw. A stop-mode epoch that
-    /// was FLUSHED may have been committed, so its files stay.
+    /// Fail closed without the coordinator: thaw. An epoch that was
+    /// FLUSHED may have been committed, so its files stay.
     async fn give_up(&mut self, why: &str) {
         let Some(f) = &self.frozen else { return };
         let (epoch, held) = (f.epoch, f.held);

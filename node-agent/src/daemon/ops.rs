@@ -5,6 +5,7 @@
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -118,14 +119,19 @@ pub(crate) fn kill(trees: &[Arc<Tree>]) {
     }
 }
 
-/// DUMP's result: this node's image, every file digested.
+/// DUMP's result: this node's image, complete in the page cache; its
+/// `files` are empty (the flush digests them).
 #[derive(Debug)]
 pub(crate) struct Dumped {
     pub image: NodeImage,
+    /// Files already digested and durable (page files followed during the
+    /// dump).
+    pub sealed: Vec<FileDigest>,
+    /// Files still to digest and fsync.
+    pub pending: Vec<String>,
     pub dump_ms: f64,
     pub capture_ms: f64,
     pub pack_ms: f64,
-    pub digest_ms: f64,
 }
 
 /// The drain happened at PREPARE; the tree has been frozen since.
@@ -137,14 +143,18 @@ impl DumpHooks for Drained {
     }
 }
 
-/// Dumps each frozen tree into `dir` (one CRIU call per tree) and digests
-/// every file. Trees stay frozen, also on failure.
+/// Dumps each frozen tree into `dir` (one CRIU call per tree). With
+/// `hash_while_dumping` (stop mode) the page files are digested and made
+/// durable during the dump; otherwise nothing is, and CRIU has the cores to
+/// itself. Everything not digested yet is in `pending`, for [`flush`].
+/// Trees stay frozen, also on failure.
 pub(crate) fn dump(
     criu: &Criu,
     node: &str,
     trees: &[Arc<Tree>],
     dir: &Path,
     freeze_timeout: Duration,
+    hash_while_dumping: bool,
 ) -> Result<Dumped, String> {
     fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let rules = CaptureRules::default();
@@ -155,10 +165,11 @@ pub(crate) fn dump(
             trees: Vec::new(),
             files: Vec::new(),
         },
+        sealed: Vec::new(),
+        pending: Vec::new(),
         dump_ms: 0.0,
         capture_ms: 0.0,
         pack_ms: 0.0,
-        digest_ms: 0.0,
     };
     for t in trees {
         let req = DumpRequest {
@@ -170,18 +181,15 @@ pub(crate) fn dump(
             stop: true,
             freeze_timeout,
             rules: &rules,
+            hash_while_dumping,
         };
         let r = checkpoint::dump_frozen_tree(&req, &mut Drained, &mut NoNotify)
             .map_err(|e| format!("dumping tree {} (pid {}): {e}", t.id, t.handle.root_pid))?;
         out.dump_ms += r.dump_ms;
         out.capture_ms += r.capture_ms;
         out.pack_ms += r.pack_ms;
-        let td = Instant::now();
-        out.image.files.extend(r.sealed.iter().cloned());
-        for name in &r.files {
-            out.image.files.push(digest(dir, name)?);
-        }
-        out.digest_ms += ms(td.elapsed());
+        out.sealed.extend(r.sealed.iter().cloned());
+        out.pending.extend(r.files.iter().cloned());
         let mut image = r.image;
         if let (Some(n), ImageNet::Private { key }) = (t.net(), &image.net) {
             image.net = ImageNet::Job {
@@ -199,7 +207,12 @@ pub(crate) fn tree_prefix(node: &str, id: u32) -> String {
     format!("{node}.t{id}")
 }
 
-fn digest(dir: &Path, name: &str) -> Result<FileDigest, String> {
+/// Digests and fsyncs one file; `None` if `cancel` was set meanwhile.
+fn digest_and_sync(
+    dir: &Path,
+    name: &str,
+    cancel: &AtomicBool,
+) -> Result<Option<FileDigest>, String> {
     let path = dir.join(name);
     let err = |e: io::Error| format!("digesting {}: {e}", path.display());
     let mut f = File::open(&path).map_err(err)?;
@@ -207,6 +220,9 @@ fn digest(dir: &Path, name: &str) -> Result<FileDigest, String> {
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
         let n = f.read(&mut buf).map_err(err)?;
         if n == 0 {
             break;
@@ -214,28 +230,55 @@ fn digest(dir: &Path, name: &str) -> Result<FileDigest, String> {
         size += n as u64;
         h.update(&buf[..n]);
     }
-    Ok(FileDigest {
+    f.sync_all()
+        .map_err(|e| format!("fsync {}: {e}", path.display()))?;
+    Ok(Some(FileDigest {
         name: name.to_owned(),
         size,
         blake3: h.finalize().to_hex().to_string(),
-    })
+    }))
 }
 
-/// Makes every file of this node's image durable, then the directory entry
-/// of each (fsync of the dir). Returns the bytes flushed.
-pub(crate) fn flush(dir: &Path, files: &[FileDigest]) -> Result<u64, String> {
-    let mut bytes = 0;
-    for f in files {
+/// The flush's result: every file of the node's image digested and
+/// durable.
+#[derive(Debug)]
+pub(crate) struct Flushed {
+    pub files: Vec<FileDigest>,
+    pub bytes: u64,
+    pub digest_ms: f64,
+}
+
+/// Digests and fsyncs every `pending` file, fsyncs the `sealed` ones (the
+/// follower made them durable already: cheap), then the directory. Returns
+/// `None` as soon as it sees `cancel` (the epoch was aborted).
+pub(crate) fn flush(
+    dir: &Path,
+    sealed: Vec<FileDigest>,
+    pending: &[String],
+    cancel: &AtomicBool,
+) -> Result<Option<Flushed>, String> {
+    let td = Instant::now();
+    let mut files = sealed;
+    for f in &files {
         let path = dir.join(&f.name);
         File::open(&path)
             .and_then(|h| h.sync_all())
             .map_err(|e| format!("fsync {}: {e}", path.display()))?;
-        bytes += f.size;
+    }
+    for name in pending {
+        match digest_and_sync(dir, name, cancel)? {
+            Some(d) => files.push(d),
+            None => return Ok(None),
+        }
     }
     File::open(dir)
         .and_then(|h| h.sync_all())
         .map_err(|e| format!("fsync {}: {e}", dir.display()))?;
-    Ok(bytes)
+    Ok(Some(Flushed {
+        bytes: files.iter().map(|f| f.size).sum(),
+        files,
+        digest_ms: ms(td.elapsed()),
+    }))
 }
 
 /// Removes this node's files (and CRIU work dirs) from the epoch dir. The

@@ -408,6 +408,11 @@ fn restore_one(
             // CRIU killed whatever it had created; its files stay for a look.
             cleanup(&freezer);
             let e = match e {
+                single::RestoreError::Criu(_)
+                    if matches!(img.net, ImageNet::Host) && address_in_use(&e.to_string()) =>
+                {
+                    host_address_in_use(&shared.cfg.node, &node.node, &staging)
+                }
                 single::RestoreError::Criu(_) => {
                     format!("{e} (CRIU's files are kept in {})", staging.display())
                 }
@@ -451,6 +456,73 @@ fn restore_one(
     }
     tracing::info!(node = %shared.cfg.node, job, epoch, image_node = %node.node, tree = img.id, pid, "restored, frozen");
     Ok(tree)
+}
+
+/// Whether a CRIU failure text is a bind/connect refused with EADDRINUSE.
+fn address_in_use(criu_error: &str) -> bool {
+    criu_error.contains("Address already in use") || criu_error.contains("EADDRINUSE")
+}
+
+/// The error of a host-network tree whose restore could not bind one of
+/// its sockets: the address is held in this node's network namespace,
+/// which the tree shares with everything else on the node.
+fn host_address_in_use(here: &str, image_node: &str, staging: &Path) -> String {
+    let held = held_inet_sockets(Path::new("/proc/net/tcp"), 6);
+    let holders = if held.is_empty() {
+        "a process of this node (no socket without a process is left)".to_owned()
+    } else {
+        format!("sockets without a process: {}", held.join(", "))
+    };
+    let moved = if here == image_node {
+        String::new()
+    } else {
+        format!(
+            " It ran on {image_node}: a host-network tree has that node's addresses and \
+             restarts only there."
+        )
+    };
+    format!(
+        "the tree ran in the node's own network (host network) and one of its addresses is \
+         still in use in {here}'s network namespace (CRIU: Address already in use), held by \
+         {holders}; a host-network tree restarts only on its own node and only after its old \
+         connections are gone (TIME_WAIT lasts 60 s after a stop checkpoint).{moved} Run the \
+         job with a private network (a job address: `ckpt-job run --cluster --net private`, \
+         the default) to restart it at once and on any node. (CRIU's files are kept in {})",
+        staging.display()
+    )
+}
+
+/// Up to `max` IPv4 TCP sockets of `/proc/net/tcp` that no process owns
+/// (inode 0: TIME_WAIT, FIN_WAIT, orphans), as "addr:port STATE".
+fn held_inet_sockets(table: &Path, max: usize) -> Vec<String> {
+    let text = fs::read_to_string(table).unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (local, state, inode) = (f.get(1)?, f.get(3)?, f.get(9)?);
+            if *inode != "0" {
+                return None;
+            }
+            let (ip, port) = local.split_once(':')?;
+            let ip = u32::from_str_radix(ip, 16).ok()?;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            // The kernel prints the network-order address as a native u32.
+            let ip = Ipv4Addr::from(ip.to_ne_bytes());
+            let state = match *state {
+                "01" => "ESTABLISHED",
+                "04" => "FIN_WAIT1",
+                "05" => "FIN_WAIT2",
+                "06" => "TIME_WAIT",
+                "08" => "CLOSE_WAIT",
+                "09" => "LAST_ACK",
+                "0B" => "CLOSING",
+                other => other,
+            };
+            Some(format!("{ip}:{port} {state}"))
+        })
+        .take(max)
+        .collect()
 }
 
 /// For a tree with a job address: its namespace rebuilt here with the
@@ -665,5 +737,44 @@ impl JobTask {
     /// The held restart's deadline, if trees are held.
     pub(super) fn restore_deadline(&self) -> Option<tokio::time::Instant> {
         self.restore.as_ref().and_then(|h| h.deadline)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn address_in_use_of_a_host_network_tree_names_the_holders_and_the_way_out() {
+        assert!(address_in_use(
+            "criu restore failed (errno 98: EADDRINUSE)\n  Can't bind inet socket: Address already in use"
+        ));
+        assert!(!address_in_use("criu restore failed: No such file"));
+        let tmp = tempfile::tempdir().unwrap();
+        let table = tmp.path().join("tcp");
+        fs::write(
+            &table,
+            "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+             0: 0100007F:1BBC 0100007F:D431 06 00000000:00000000 03:00000F1C 00000000     0        0 0 3 0000000000000000\n\
+             1: 0200800A:1BBC 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0\n",
+        )
+        .unwrap();
+        assert_eq!(
+            held_inet_sockets(&table, 6),
+            ["127.0.0.1:7100 TIME_WAIT"],
+            "only sockets without a process"
+        );
+        let e = host_address_in_use("n1", "n2", Path::new("/state/restore.x"));
+        for part in [
+            "host network",
+            "Address already in use",
+            "only on its own node",
+            "It ran on n2",
+            "--net private",
+            "/state/restore.x",
+        ] {
+            assert!(e.contains(part), "{part:?} not in {e}");
+        }
     }
 }

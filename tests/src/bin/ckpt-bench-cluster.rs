@@ -179,6 +179,18 @@ fn main() {
             }
         }
     }
+    if std::env::var_os("BENCH_VERBOSE").is_some() {
+        for (n, a) in &d.agents {
+            for l in a
+                .daemon
+                .log()
+                .lines()
+                .filter(|l| l.contains("dumped") || l.contains("ready") || l.contains("resum"))
+            {
+                println!("{n}: {l}");
+            }
+        }
+    }
     let (c, r) = (median(&mut ckpt), median(&mut raw));
     println!();
     println!("median application downtime over {rounds} rounds:");

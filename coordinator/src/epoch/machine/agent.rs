@@ -3,7 +3,8 @@
 
 use std::time::Instant;
 
-use ckpt_protocol::manifest::CheckpointMode;
+use ckpt_protocol::cluster::with_digests;
+use ckpt_protocol::manifest::{CheckpointMode, FileDigest};
 
 use super::super::outcome::{AbortReason, PostCommitProblem};
 use super::super::{
@@ -11,45 +12,62 @@ use super::super::{
 };
 use super::Epoch;
 
-/// The agent phase a message moves its sender to, in this mode; `None` if
-/// the message has no place in this mode.
-fn target(msg: MsgKind, mode: CheckpointMode) -> Option<AgentPhase> {
-    use CheckpointMode::{Continue, Stop};
-    match (msg, mode) {
-        (MsgKind::Ready, _) => Some(AgentPhase::Ready),
-        (MsgKind::Dumped, _) => Some(AgentPhase::Dumped),
-        (MsgKind::Resumed, Continue) => Some(AgentPhase::Released),
-        (MsgKind::Flushed, _) => Some(AgentPhase::Flushed),
-        (MsgKind::Stopped, Stop) => Some(AgentPhase::Finished),
-        (MsgKind::Resumed, Stop) | (MsgKind::Stopped, Continue) | (MsgKind::Failed, _) => None,
-    }
+/// What a message does to an agent in phase `from`, in this mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Moves it to this phase.
+    To(AgentPhase),
+    /// It had already sent this.
+    Duplicate,
+    /// Makes no sense for an agent in `from` (or in this mode).
+    Invalid,
 }
 
-/// Whether an agent may move `from` → `to` while the epoch is in `phase`.
-fn expected(phase: Phase, mode: CheckpointMode, from: AgentPhase, to: AgentPhase) -> bool {
+/// The agent's own order of messages (see [`AgentPhase`]); whether the
+/// epoch is far enough for the move is [`expected`]'s question.
+fn step(msg: MsgKind, mode: CheckpointMode, from: AgentPhase) -> Step {
     use AgentPhase as A;
-    let cont = mode == CheckpointMode::Continue;
-    match (phase, from, to) {
-        (Phase::Preparing, A::Pending, A::Ready)
-        | (Phase::Dumping, A::Ready, A::Dumped)
-        | (Phase::Stopping, A::Flushed, A::Finished) => true,
-        // Continue mode: the tree runs again before its images are flushed.
-        (Phase::Flushing, A::Dumped, A::Released) | (Phase::Flushing, A::Released, A::Flushed) => {
-            cont
-        }
-        // Stop mode: flushed while still frozen.
-        (Phase::Flushing, A::Dumped, A::Flushed) => !cont,
-        _ => false,
+    use CheckpointMode::{Continue, Stop};
+    match (msg, mode, from) {
+        (MsgKind::Ready, _, A::Pending) => Step::To(A::Ready),
+        (MsgKind::Ready, _, _) => Step::Duplicate,
+        (MsgKind::Dumped, _, A::Ready) => Step::To(A::Dumped),
+        (MsgKind::Dumped, _, A::Pending) => Step::Invalid,
+        (MsgKind::Dumped, _, _) => Step::Duplicate,
+        (MsgKind::Flushed, _, A::Dumped) => Step::To(A::Flushed),
+        (MsgKind::Flushed, Continue, A::Released) => Step::To(A::Finished),
+        (MsgKind::Flushed, _, A::Flushed | A::Finished) => Step::Duplicate,
+        (MsgKind::Resumed, Continue, A::Dumped) => Step::To(A::Released),
+        (MsgKind::Resumed, Continue, A::Flushed) => Step::To(A::Finished),
+        (MsgKind::Resumed, Continue, A::Released | A::Finished) => Step::Duplicate,
+        (MsgKind::Stopped, Stop, A::Flushed) => Step::To(A::Finished),
+        (MsgKind::Stopped, Stop, A::Finished) => Step::Duplicate,
+        _ => Step::Invalid,
     }
 }
 
-/// The agent phase every agent must reach to end `phase`.
+/// Whether the epoch, in `phase`, takes a `msg` that moves its sender on.
+fn expected(phase: Phase, msg: MsgKind) -> bool {
+    match msg {
+        MsgKind::Ready => phase == Phase::Preparing,
+        MsgKind::Dumped => phase == Phase::Dumping,
+        // Any time after the node's DUMPED, also before COMMIT went out;
+        // the manifest (Committing) waits for every FLUSHED.
+        MsgKind::Flushed => matches!(phase, Phase::Dumping | Phase::Flushing),
+        // Once COMMIT went out (continue mode).
+        MsgKind::Resumed => matches!(phase, Phase::Flushing | Phase::Committing | Phase::Resuming),
+        MsgKind::Stopped => phase == Phase::Stopping,
+        MsgKind::Failed => false,
+    }
+}
+
+/// The agent phase every agent must reach (or pass) to end `phase`.
 pub(super) fn goal(phase: Phase) -> Option<AgentPhase> {
     match phase {
         Phase::Preparing => Some(AgentPhase::Ready),
         Phase::Dumping => Some(AgentPhase::Dumped),
         Phase::Flushing => Some(AgentPhase::Flushed),
-        Phase::Stopping => Some(AgentPhase::Finished),
+        Phase::Stopping | Phase::Resuming => Some(AgentPhase::Finished),
         Phase::Committing | Phase::Done | Phase::Aborted => None,
     }
 }
@@ -84,15 +102,10 @@ impl Epoch {
             }
             return Handled::Applied;
         }
-        let to = target(kind, self.spec.mode);
-        if let Some(to) = to {
-            if from >= to {
-                return Handled::Ignored(Ignored::Duplicate { node, msg: kind });
-            }
-        }
-        let to = match to {
-            Some(to) if expected(self.phase, self.spec.mode, from, to) => to,
-            _ => {
+        let to = match step(kind, self.spec.mode, from) {
+            Step::Duplicate => return Handled::Ignored(Ignored::Duplicate { node, msg: kind }),
+            Step::To(to) if expected(self.phase, kind) => to,
+            Step::To(_) | Step::Invalid => {
                 self.violation(now, node, kind, from, out);
                 return Handled::Applied;
             }
@@ -111,10 +124,12 @@ impl Epoch {
                     return Handled::Applied;
                 }
                 self.set_agent(node, to);
-                if self.count(AgentPhase::Dumped) == self.n() {
+                // While dumping, an agent past READY is Dumped or Flushed.
+                if self.count(AgentPhase::Dumped) + self.count(AgentPhase::Flushed) == self.n() {
                     self.enter(now, Phase::Flushing);
                     let mode = self.spec.mode;
                     self.broadcast(Command::Commit { mode }, out);
+                    self.commit_if_flushed(now, out);
                 }
             }
             AgentMsg::Resumed { downtime } | AgentMsg::Stopped { downtime } => {
@@ -122,15 +137,13 @@ impl Epoch {
                 self.set_agent(node, to);
                 self.finish_if_settled(now, out);
             }
-            AgentMsg::Flushed => {
-                self.set_agent(node, to);
-                if self.count(AgentPhase::Flushed) == self.n() {
-                    self.enter(now, Phase::Committing);
-                    match self.build_manifest(now) {
-                        Ok(m) => out.push(Action::WriteManifest(Box::new(m))),
-                        Err(reason) => self.abort(now, reason, out),
-                    }
+            AgentMsg::Flushed { files } => {
+                if let Err(reason) = self.take_digests(node, files) {
+                    self.abort(now, reason, out);
+                    return Handled::Applied;
                 }
+                self.set_agent(node, to);
+                self.commit_if_flushed(now, out);
             }
             // Handled above; kept here so the match is exhaustive.
             AgentMsg::Failed { .. } => {}
@@ -164,6 +177,36 @@ impl Epoch {
             };
             self.abort(now, reason, out);
         }
+    }
+
+    /// Every agent DUMPED and FLUSHED: the manifest goes to the caller.
+    fn commit_if_flushed(&mut self, now: Instant, out: &mut Vec<Action>) {
+        // Before the commit every agent past DUMPED and FLUSHED is either
+        // Flushed or (continue mode, resumed too) Finished.
+        let flushed = self.count(AgentPhase::Flushed) + self.count(AgentPhase::Finished);
+        if self.phase == Phase::Flushing && flushed == self.n() {
+            self.enter(now, Phase::Committing);
+            match self.build_manifest(now) {
+                Ok(m) => out.push(Action::WriteManifest(Box::new(m))),
+                Err(reason) => self.abort(now, reason, out),
+            }
+        }
+    }
+
+    /// Completes the node's DUMPED image with the digests of its FLUSHED.
+    fn take_digests(&mut self, node: NodeId, files: Vec<FileDigest>) -> Result<(), AbortReason> {
+        let name = self.node_name(node);
+        let Some(image) = self.images.get_mut(node.index()).and_then(Option::take) else {
+            return Err(AbortReason::Internal(
+                "FLUSHED from a node without an image",
+            ));
+        };
+        let image = with_digests(image, files).map_err(|e| AbortReason::BadDigests {
+            node: name,
+            reason: e.to_string(),
+        })?;
+        self.images[node.index()] = Some(image);
+        Ok(())
     }
 
     fn take_dump(&mut self, node: NodeId, dump: NodeDump) -> Result<(), AbortReason> {
@@ -239,7 +282,7 @@ impl Epoch {
         let settled = self.count(AgentPhase::Finished)
             + self.count(AgentPhase::Failed)
             + self.count(AgentPhase::Lost);
-        if self.phase == Phase::Stopping && settled == self.n() {
+        if matches!(self.phase, Phase::Stopping | Phase::Resuming) && settled == self.n() {
             self.finish(now, out);
         }
     }
