@@ -227,6 +227,37 @@ async fn a_connection_dropped_mid_dump_aborts_as_lost() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_flush_aborts_before_the_manifest() {
+    for mode in [Continue, Stop] {
+        let (c, writer) = start().await;
+        let agents = cluster(
+            &c,
+            Some(("n2", Step::Flush, Fault::Fail("disk full".into()))),
+        )
+        .await;
+        let o = c
+            .checkpoint("job-1", 1, mode, names(3), DEADLINES)
+            .await
+            .unwrap();
+        let (phase, reason) = aborted(&o);
+        // n2's DUMPED went out first; whether the others' DUMPED were in
+        // decides the phase.
+        assert!(matches!(phase, Phase::Dumping | Phase::Flushing), "{phase}");
+        assert!(
+            matches!(reason, AbortReason::AgentFailed { node, .. } if node == "n2"),
+            "{reason}"
+        );
+        assert!(reason.to_string().contains("disk full"), "{reason}");
+        assert!(writer.committed().is_empty());
+        wait_until("ABORT to every agent", || {
+            agents.iter().all(|a| count(a, |s| &s.aborts) == 1)
+        })
+        .await;
+        assert!(agents.iter().all(|a| count(a, |s| &s.committed) == 0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_agent_times_out_by_name() {
     let (c, _writer) = start().await;
     let agents = cluster(&c, Some(("n1", Step::Prepare, Fault::Silent))).await;
