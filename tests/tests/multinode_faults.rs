@@ -153,9 +153,14 @@ fn agent_killed_during_dump_aborts_the_epoch_and_the_job_runs_on() {
     let pid = d.agents[n1.hostname()].daemon.pid().unwrap();
     let r = std::thread::scope(|s| {
         let ck = s.spawn(|| d.checkpoint(job));
-        d.wait_status(job, "n1 to report DUMPING", Duration::from_secs(120), |j| {
+        // The heartbeats carry the dump's progress: bytes CRIU wrote of the
+        // tree's resident memory (1.5 GiB).
+        let j = d.wait_status(job, "n1 to report DUMPING", Duration::from_secs(120), |j| {
             node_phase(j, n1) == Some("DUMPING")
+                && j.nodes.iter().any(|n| n.bytes_total >= 1400 << 20)
         });
+        let n = j.nodes.iter().find(|n| n.node == n1.hostname()).unwrap();
+        assert!(n.bytes_done <= n.bytes_total + (64 << 20), "{n:?}");
         sigkill(pid);
         ck.join().unwrap()
     });

@@ -332,6 +332,7 @@ impl JobTask {
         // page files are hashed while CRIU writes them. Continue mode: CRIU
         // alone, the hashing comes after the thaw.
         let hash_while_dumping = f.mode == CheckpointMode::Stop;
+        let progress = self.shared.progress();
         let r = blocking(move || {
             ops::dump(
                 &shared.criu,
@@ -340,6 +341,7 @@ impl JobTask {
                 &dir,
                 shared.cfg.freeze_timeout,
                 hash_while_dumping,
+                &progress,
             )
         })
         .await
@@ -370,8 +372,12 @@ impl JobTask {
                 let cancel = Arc::new(AtomicBool::new(false));
                 let stop = cancel.clone();
                 let (sealed, pending) = (d.sealed, d.pending);
-                let task =
-                    tokio::task::spawn_blocking(move || ops::flush(&dir, sealed, &pending, &stop));
+                self.shared
+                    .set_status(&self.job, epoch, pb::NodePhase::Flushing);
+                let progress = self.shared.progress();
+                let task = tokio::task::spawn_blocking(move || {
+                    ops::flush(&dir, sealed, &pending, &stop, &progress)
+                });
                 self.flush = Some(Flushing {
                     epoch,
                     cancel,
@@ -570,13 +576,23 @@ pub(crate) struct Status {
     pub job: String,
     pub epoch: u64,
     pub phase: i32,
+    /// Of the current phase; reset when the phase changes.
+    pub progress: Arc<ops::Progress>,
 }
 
 impl Shared {
     pub(crate) fn set_status(&self, job: &str, epoch: u64, phase: pb::NodePhase) {
         let mut s = lock(&self.status);
+        if s.job != job || s.epoch != epoch || s.phase != phase as i32 {
+            s.progress.start(0);
+        }
         s.job = job.to_owned();
         s.epoch = epoch;
         s.phase = phase as i32;
+    }
+
+    /// The progress counters heartbeats report.
+    pub(crate) fn progress(&self) -> Arc<ops::Progress> {
+        lock(&self.status).progress.clone()
     }
 }

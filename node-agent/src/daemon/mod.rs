@@ -381,8 +381,8 @@ fn heartbeat(shared: &Shared, seq: u64) -> pb::Frame {
         job: st.job,
         epoch: st.epoch,
         phase: st.phase,
-        bytes_done: 0,
-        bytes_total: 0,
+        bytes_done: st.progress.get().0,
+        bytes_total: st.progress.get().1,
     }
     .into()
 }

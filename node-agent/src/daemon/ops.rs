@@ -5,7 +5,7 @@
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,80 @@ use crate::criu::{Criu, NoNotify};
 use crate::freezer::Freezer;
 
 use super::trees::{Tree, TreeState};
+
+/// How far the current phase is, for the heartbeats (`ckpt-job status`):
+/// bytes done of an estimated total. Dump: what CRIU has written so far of
+/// the trees' resident memory; flush: bytes hashed and made durable of the
+/// image's size.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    pub done: AtomicU64,
+    pub total: AtomicU64,
+}
+
+impl Progress {
+    pub(crate) fn start(&self, total: u64) {
+        self.done.store(0, Ordering::Relaxed);
+        self.total.store(total, Ordering::Relaxed);
+    }
+
+    pub(crate) fn get(&self) -> (u64, u64) {
+        (
+            self.done.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Resident memory of every process of the trees: what a dump will write,
+/// roughly (shared pages counted once per process).
+fn resident_bytes(trees: &[Arc<Tree>]) -> u64 {
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .map_or(4096, |p| p as u64);
+    let mut total = 0;
+    for t in trees {
+        for pid in crate::capture::tree_pids(t.handle.root_pid).unwrap_or_default() {
+            if let Ok(statm) = fs::read_to_string(format!("/proc/{pid}/statm")) {
+                let rss: u64 = statm
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                total += rss * page;
+            }
+        }
+    }
+    total
+}
+
+/// Bytes of this node's files in the epoch dir so far (CRIU's work dirs
+/// included), for the dump's progress.
+fn written_bytes(dir: &Path, node: &str) -> u64 {
+    let prefix = format!("{node}.t");
+    let mut sum = 0;
+    let Ok(rd) = fs::read_dir(dir) else { return 0 };
+    for e in rd.flatten() {
+        if !e.file_name().to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        let Ok(meta) = e.metadata() else { continue };
+        if meta.is_dir() {
+            if let Ok(inner) = fs::read_dir(e.path()) {
+                sum += inner
+                    .flatten()
+                    .filter_map(|f| f.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+                    .sum::<u64>();
+            }
+        } else {
+            sum += meta.len();
+        }
+    }
+    sum
+}
 
 /// Longest wait for the pumps to take a frozen tree's pending output.
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
@@ -155,8 +229,34 @@ pub(crate) fn dump(
     dir: &Path,
     freeze_timeout: Duration,
     hash_while_dumping: bool,
+    progress: &Progress,
 ) -> Result<Dumped, String> {
     fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    progress.start(resident_bytes(trees));
+    let finished = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !finished.load(Ordering::Relaxed) {
+                progress
+                    .done
+                    .store(written_bytes(dir, node), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let r = dump_trees(criu, node, trees, dir, freeze_timeout, hash_while_dumping);
+        finished.store(true, Ordering::Relaxed);
+        r
+    })
+}
+
+fn dump_trees(
+    criu: &Criu,
+    node: &str,
+    trees: &[Arc<Tree>],
+    dir: &Path,
+    freeze_timeout: Duration,
+    hash_while_dumping: bool,
+) -> Result<Dumped, String> {
     let rules = CaptureRules::default();
     let mut out = Dumped {
         image: NodeImage {
@@ -212,6 +312,7 @@ fn digest_and_sync(
     dir: &Path,
     name: &str,
     cancel: &AtomicBool,
+    done: &AtomicU64,
 ) -> Result<Option<FileDigest>, String> {
     let path = dir.join(name);
     let err = |e: io::Error| format!("digesting {}: {e}", path.display());
@@ -229,6 +330,7 @@ fn digest_and_sync(
         }
         size += n as u64;
         h.update(&buf[..n]);
+        done.fetch_add(n as u64, Ordering::Relaxed);
     }
     f.sync_all()
         .map_err(|e| format!("fsync {}: {e}", path.display()))?;
@@ -256,17 +358,23 @@ pub(crate) fn flush(
     sealed: Vec<FileDigest>,
     pending: &[String],
     cancel: &AtomicBool,
+    progress: &Progress,
 ) -> Result<Option<Flushed>, String> {
     let td = Instant::now();
+    let size = |name: &str| fs::metadata(dir.join(name)).map_or(0, |m| m.len());
+    progress.start(
+        sealed.iter().map(|f| f.size).sum::<u64>() + pending.iter().map(|n| size(n)).sum::<u64>(),
+    );
     let mut files = sealed;
     for f in &files {
         let path = dir.join(&f.name);
         File::open(&path)
             .and_then(|h| h.sync_all())
             .map_err(|e| format!("fsync {}: {e}", path.display()))?;
+        progress.done.fetch_add(f.size, Ordering::Relaxed);
     }
     for name in pending {
-        match digest_and_sync(dir, name, cancel)? {
+        match digest_and_sync(dir, name, cancel, &progress.done)? {
             Some(d) => files.push(d),
             None => return Ok(None),
         }
