@@ -32,4 +32,11 @@ if [ -n "$a" ] && [ "$a" = "$b" ]; then
 else
 	echo "ring: Open MPI and MPICH outputs differ"; rc=1
 fi
+a=$(mpirun.openmpi --allow-run-as-root --oversubscribe -np 4 --mca btl self,vader "$bin/halo-openmpi" 20 200) || rc=1
+b=$(UCX_TLS=^sysv mpirun.mpich -np 4 "$bin/halo-mpich" 20 200) || rc=1
+if [ -n "$a" ] && [ "$a" = "$b" ]; then
+	echo "halo: ok (Open MPI == MPICH) $(echo "$a" | tail -n 1)"
+else
+	echo "halo: Open MPI and MPICH outputs differ"; rc=1
+fi
 exit $rc
