@@ -8,4 +8,5 @@ pub mod commands;
 pub mod config;
 pub mod control;
 pub mod rsh;
+pub mod submit;
 pub mod supervisor;

@@ -10,6 +10,7 @@ use ckpt_agent::tree::NetMode;
 use ckpt_cli::commands::{self, Target};
 use ckpt_cli::config::Config;
 use ckpt_cli::rsh;
+use ckpt_cli::submit;
 use ckpt_cli::supervisor::{self, JobSpec};
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -155,6 +156,41 @@ enum Cmd {
         /// NAME or NAME@EPOCH
         target: String,
     },
+    /// Submit SCRIPT to Slurm (sbatch) as a checkpointable, requeueable job:
+    /// USR1 GRACE before the walltime checkpoints and requeues it, the
+    /// requeued run restarts from the checkpoint. Long sbatch options as
+    /// --opt=value.
+    Submit {
+        /// Time between Slurm's USR1 and the walltime (10s..65535s).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "120s")]
+        grace: Duration,
+        /// Passed to slurm-run.
+        #[arg(long, value_name = "PATH")]
+        agent_socket: Option<String>,
+        #[arg(long, value_enum)]
+        net: Option<Net>,
+        /// [SBATCH OPTIONS...] SCRIPT [ARGS...]
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        rest: Vec<OsString>,
+    },
+    /// Inside a Slurm batch job (what submit runs): start CMD across the
+    /// allocation, or restart it after a requeue; USR1 checkpoints and requeues.
+    SlurmRun {
+        /// The node agent's control socket; %n = this node's name.
+        #[arg(long, value_name = "PATH")]
+        agent_socket: Option<String>,
+        #[arg(long, value_enum)]
+        net: Option<Net>,
+        #[arg(long, value_name = "DIR")]
+        io_dir: Option<PathBuf>,
+        #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
+        command: Vec<OsString>,
+    },
     /// Check an epoch's MAC and every file's size and digest.
     Verify {
         #[arg(long, value_name = "DIR")]
@@ -207,7 +243,37 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> Result<i32> {
     let cfg = Config::load(cli.config.as_deref())?;
+    let net_mode = |n: Option<Net>| match n {
+        Some(Net::Host) => NetMode::Host,
+        Some(Net::Private) | None => NetMode::Private,
+    };
     match cli.cmd {
+        Cmd::Submit {
+            grace,
+            agent_socket,
+            net,
+            rest,
+        } => submit::submit(&submit::SubmitArgs {
+            grace,
+            agent_socket,
+            net: net.map(|n| net_mode(Some(n))),
+            config: cli.config.clone(),
+            rest,
+        }),
+        Cmd::SlurmRun {
+            agent_socket,
+            net,
+            io_dir,
+            command,
+        } => submit::slurm_run(
+            &cfg,
+            submit::SlurmRun {
+                agent_socket,
+                net: net_mode(net),
+                io_dir,
+                command,
+            },
+        ),
         Cmd::Run {
             name,
             ckpt_dir,

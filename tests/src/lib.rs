@@ -23,6 +23,7 @@ pub use tempfile::TempDir;
 
 pub mod cluster;
 pub mod daemons;
+pub mod slurm;
 
 /// Something a test needs from the machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +34,8 @@ pub enum Prereq {
     Mpich,
     /// OpenSSH's server and ssh-keygen (agents started over SSH).
     Sshd,
+    /// Slurm's daemons and clients, and munge (tests/src/slurm.rs).
+    Slurm,
 }
 
 fn missing(p: Prereq) -> Option<String> {
@@ -59,6 +62,25 @@ fn missing(p: Prereq) -> Option<String> {
             .then(|| "MPICH (mpirun.mpich, mpicc.mpich) not installed".into()),
         Prereq::Sshd => (!Path::new("/usr/sbin/sshd").exists() || !have("ssh-keygen"))
             .then(|| "OpenSSH server (/usr/sbin/sshd, ssh-keygen) not installed".into()),
+        Prereq::Slurm => {
+            let gone: Vec<&str> = [
+                "slurmctld",
+                "slurmd",
+                "munged",
+                "sbatch",
+                "scontrol",
+                "setpriv",
+            ]
+            .into_iter()
+            .filter(|b| !have(b))
+            .collect();
+            (!gone.is_empty()).then(|| {
+                format!(
+                    "Slurm/munge ({}) not installed (slurmctld slurmd slurm-client munge)",
+                    gone.join(", ")
+                )
+            })
+        }
     }
 }
 

@@ -333,6 +333,13 @@ fn restore_one(
     let id = reg.next_id();
     let freezer = CgroupFreezer::create(&reg.cgroup_name(job, id))
         .map_err(|e| format!("creating its freezer cgroup: {e}"))?;
+    let pty_ban = match crate::tree::PtyBan::create(&reg.cgroup_name(job, id)) {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = freezer.remove();
+            return Err(format!("creating its devices cgroup (pty ban): {e}"));
+        }
+    };
     let out_dir = reg.state_dir().join("output");
     fs::DirBuilder::new()
         .mode(0o700)
@@ -385,7 +392,7 @@ fn restore_one(
         image: img,
         staging: &staging,
         freezer: &freezer,
-        cgroups: Vec::new(),
+        cgroups: pty_ban.iter().map(|b| b.procs_file()).collect(),
         stdio: writers.iter().map(|(ino, fd)| (*ino, fd.as_fd())).collect(),
         netns: jobnet.as_ref().map(|n| n.netns()),
     };
@@ -436,6 +443,7 @@ fn restore_one(
             },
             init_dir: img.init_dir.as_ref().map(PathBuf::from),
             freezer,
+            pty_ban,
             outputs,
             stdout,
             stderr,

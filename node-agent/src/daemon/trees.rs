@@ -77,6 +77,8 @@ pub enum SpawnError {
     BadJobName(String),
     #[error("creating the freezer cgroup of job {job}: {source}")]
     Freezer { job: String, source: FreezerError },
+    #[error("creating the devices cgroup (pty ban) of job {job}: {source}")]
+    PtyBan { job: String, source: io::Error },
     #[error("installing ckpt-init for job {job}: {source}")]
     Init {
         job: String,
@@ -137,6 +139,11 @@ pub(crate) struct Tree {
     pub job: String,
     pub handle: TreeHandle,
     pub freezer: CgroupFreezer,
+    /// Keeps the tree from opening ptys (mpirun and orted give ranks ptys
+    /// when they can; CRIU restores a pty only at its dumped index, which
+    /// is node-wide, so two restores collide). Removed with the tree.
+    #[allow(dead_code)]
+    pty_ban: Option<tree::PtyBan>,
     /// Read ends of the stdio pipes (drained while the tree is frozen).
     outputs: Vec<Arc<File>>,
     state: Mutex<TreeState>,
@@ -310,6 +317,7 @@ impl Registry {
                 init_dir: r.init_dir,
             },
             freezer: r.freezer,
+            pty_ban: r.pty_ban,
             outputs,
             state: Mutex::new(TreeState::Running),
             stdout: r.stdout,
@@ -383,6 +391,13 @@ impl Registry {
                 source,
             }
         })?;
+        let pty_ban = tree::PtyBan::create(&self.cgroup_name(job, id)).map_err(|source| {
+            let _ = freezer.remove();
+            SpawnError::PtyBan {
+                job: job.to_owned(),
+                source,
+            }
+        })?;
         let init_dir = self.state_dir.join(format!("{job}.t{id}"));
         let init = restore::install_init(&init_dir, &self.init_binary).map_err(|source| {
             let _ = freezer.remove();
@@ -416,7 +431,9 @@ impl Registry {
             stdin: None,
             stdout: out_w,
             stderr: err_w,
-            cgroups: vec![freezer.procs_file()],
+            cgroups: std::iter::once(freezer.procs_file())
+                .chain(pty_ban.as_ref().map(|b| b.procs_file()))
+                .collect(),
             netns: match &args.jobnet {
                 Some(n) => Some(n.netns().try_clone_to_owned().map_err(io_err(
                     "duplicate the network namespace descriptor for",
@@ -448,6 +465,7 @@ impl Registry {
                 init_dir: Some(init_dir),
             },
             freezer,
+            pty_ban,
             outputs: vec![out_r, err_r],
             state: Mutex::new(TreeState::Running),
             stdout: args.stdout.clone(),
@@ -472,6 +490,7 @@ pub(crate) struct Adopted {
     pub net: NetMode,
     pub init_dir: Option<PathBuf>,
     pub freezer: CgroupFreezer,
+    pub pty_ban: Option<tree::PtyBan>,
     /// Read end of each stdio pipe and the file it is copied into.
     pub outputs: Vec<(OwnedFd, File)>,
     pub stdout: PathBuf,
