@@ -145,56 +145,77 @@ impl<V: Copy> ReqTable<V> {
 }
 
 /// The shim's request map: a direct-mapped array of 16-byte slots (one slot
-/// per hash, no probing: an insert and a remove are a multiply, a compare
-/// and a store) in front of a [`ReqTable`] that takes the keys whose slot
-/// is taken. Values are small `Copy` words (the shim packs its into a u64).
+/// per key, no probing, no hashing: the slot is a few bits of the handle)
+/// in front of a [`ReqTable`] that takes the keys whose slot is taken.
+/// Values are small `Copy` words (the shim packs its into a u64).
+///
+/// The slot is `(key >> shift) ^ (key >> (shift + log2 slots))`, masked:
+/// MPI implementations hand out request handles with a constant stride
+/// (Open MPI: pointers into a free list of 768-byte ob1 requests; MPICH:
+/// an index in the low bits), so consecutive requests land in nearby,
+/// distinct slots — sequential memory for the prefetcher, no multiply.
+/// A bad `shift` only costs overflow-table trips, never correctness.
 #[derive(Debug)]
 pub struct ReqMap<V: Copy + Default> {
     /// (key, value); key 0 = empty.
     direct: Box<[(usize, V)]>,
     shift: u32,
+    fold: u32,
+    mask: usize,
     overflow: ReqTable<V>,
     len: usize,
 }
 
 impl<V: Copy + Default> ReqMap<V> {
-    /// `slots` (rounded up to a power of two) direct slots.
-    pub fn new(slots: usize) -> Self {
+    /// `slots` (rounded up to a power of two) direct slots; `shift`: log2
+    /// of the typical distance between two handles (see the type's doc).
+    pub fn new(slots: usize, shift: u32) -> Self {
         let cap = slots.next_power_of_two().max(8);
         ReqMap {
             direct: vec![(0, V::default()); cap].into_boxed_slice(),
-            shift: 64 - cap.trailing_zeros(),
+            shift: shift.min(32),
+            fold: shift.min(32) + cap.trailing_zeros(),
+            mask: cap - 1,
             overflow: ReqTable::with_capacity(64),
             len: 0,
         }
     }
 
+    #[inline(always)]
     pub fn len(&self) -> usize {
         self.len
     }
+    #[inline(always)]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     #[inline(always)]
     fn slot(&self, key: usize) -> usize {
-        // Requests are allocated with a constant stride: mix before taking
-        // the top bits (plain Fibonacci hashing clusters strided keys).
-        let x = (key as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        ((x ^ (x >> 29)).wrapping_mul(0xBF58_476D_1CE4_E5B9) >> self.shift) as usize
+        ((key >> self.shift) ^ (key >> self.fold)) & self.mask
     }
 
     /// Insert or replace.
-    #[inline]
+    #[inline(always)]
     pub fn insert(&mut self, key: usize, val: V) {
         debug_assert!(key != 0);
         let i = self.slot(key);
-        let k = self.direct[i].0;
-        if k == key || (k == 0 && (self.overflow.is_empty() || self.overflow.get(key).is_none())) {
-            if k == 0 {
+        let s = &mut self.direct[i];
+        if s.0 == key || (s.0 == 0 && self.overflow.is_empty()) {
+            if s.0 == 0 {
                 self.len += 1;
             }
+            *s = (key, val);
+            return;
+        }
+        self.insert_slow(i, key, val);
+    }
+
+    #[inline(never)]
+    fn insert_slow(&mut self, i: usize, key: usize, val: V) {
+        if self.direct[i].0 == 0 && self.overflow.get(key).is_none() {
             self.direct[i] = (key, val);
+            self.len += 1;
             return;
         }
         let before = self.overflow.len();
@@ -219,14 +240,11 @@ impl<V: Copy + Default> ReqMap<V> {
         self.overflow.get_mut(key)
     }
 
-    #[inline]
+    #[inline(always)]
     pub fn remove(&mut self, key: usize) -> Option<V> {
-        if self.len == 0 || key == 0 {
-            return None;
-        }
         let i = self.slot(key);
         let s = &mut self.direct[i];
-        if s.0 == key {
+        if s.0 == key && key != 0 {
             s.0 = 0;
             self.len -= 1;
             return Some(s.1);
@@ -234,11 +252,52 @@ impl<V: Copy + Default> ReqMap<V> {
         if self.overflow.is_empty() {
             return None;
         }
+        self.remove_slow(key)
+    }
+
+    #[inline(never)]
+    fn remove_slow(&mut self, key: usize) -> Option<V> {
         let out = self.overflow.remove(key);
         if out.is_some() {
             self.len -= 1;
         }
         out
+    }
+
+    /// Remove every key of `keys` that is present, calling `f(position in
+    /// keys, value)` for each: the batch form of [`ReqMap::remove`] for
+    /// MPI_Waitall and friends, with the table's geometry in registers.
+    #[inline(always)]
+    pub fn remove_each(&mut self, keys: &[usize], mut f: impl FnMut(usize, V)) {
+        if self.len == 0 {
+            return;
+        }
+        let ReqMap {
+            direct,
+            shift,
+            fold,
+            mask,
+            overflow,
+            ..
+        } = self;
+        let (shift, fold, mask) = (*shift, *fold, *mask);
+        let direct: &mut [(usize, V)] = direct;
+        let mut removed = 0;
+        for (pos, &key) in keys.iter().enumerate() {
+            let i = ((key >> shift) ^ (key >> fold)) & mask;
+            let s = &mut direct[i];
+            if s.0 == key && key != 0 {
+                s.0 = 0;
+                removed += 1;
+                f(pos, s.1);
+            } else if !overflow.is_empty() {
+                if let Some(v) = overflow.remove(key) {
+                    removed += 1;
+                    f(pos, v);
+                }
+            }
+        }
+        self.len -= removed;
     }
 
     /// Every (key, value), in no particular order.
@@ -271,6 +330,10 @@ const T_ANY: u64 = 1 << 61;
 const T_LOW: u64 = (1 << 48) - 1;
 
 impl Tracked {
+    /// Bits of a packed word other than a known world source: a packed
+    /// word without them is `world_src` of an uncounted receive.
+    pub const FLAGS: u64 = T_COLL | T_COUNTED | T_ANY;
+
     /// One word, for 16-byte table slots: bit 63 collective, bit 62
     /// counted, bit 61 "source from the status" with the map address (user
     /// space addresses fit 48 bits) in the low bits, else the world source.
@@ -385,7 +448,7 @@ mod tests {
             x
         };
         // 16 direct slots for up to 200 keys: most go to the overflow.
-        let mut t = ReqMap::new(16);
+        let mut t = ReqMap::new(16, 0);
         let mut m = HashMap::new();
         for _ in 0..200_000 {
             let k = (next() % 200 + 1) as usize * 0x280;
@@ -411,6 +474,83 @@ mod tests {
         let mut want: Vec<_> = m.into_iter().collect();
         want.sort();
         assert_eq!(all, want);
+    }
+
+    #[test]
+    fn strided_handles_take_distinct_direct_slots() {
+        // Open MPI ob1 receive requests (768 bytes apart, shift 7) and
+        // MPICH handles (index in the low bits, shift 0): a window of 128
+        // outstanding requests needs no overflow.
+        for (base, stride, shift) in [
+            (0x5596_086b_bc80usize, 0x300usize, 7),
+            (0xec00_0437, usize::MAX, 0), // decreasing indices
+            (0x0000_0000_ac00_0000, 1, 0),
+        ] {
+            let mut t = ReqMap::new(1024, shift);
+            let keys: Vec<usize> = (0..128)
+                .map(|i| base.wrapping_add(stride.wrapping_mul(i)))
+                .collect();
+            for (i, &k) in keys.iter().enumerate() {
+                t.insert(k, i as u64);
+            }
+            assert!(t.overflow.is_empty(), "stride {stride:#x}: overflow used");
+            for (i, &k) in keys.iter().enumerate() {
+                assert_eq!(t.remove(k), Some(i as u64));
+            }
+            assert!(t.is_empty());
+        }
+    }
+
+    #[test]
+    fn remove_each_agrees_with_remove() {
+        let mut x: u64 = 0x1357_9bdf_2468_ace1;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        // 16 direct slots, keys colliding often: both tables are used.
+        let mut a = ReqMap::new(16, 4);
+        let mut b = ReqMap::new(16, 4);
+        for _ in 0..2000 {
+            let keys: Vec<usize> = (0..(next() % 40) as usize)
+                .map(|_| (next() % 300) as usize * 0x30)
+                .collect();
+            for &k in &keys {
+                if k != 0 && next() % 3 != 0 {
+                    let v = next() as u32;
+                    a.insert(k, v);
+                    b.insert(k, v);
+                }
+            }
+            let mut got = Vec::new();
+            a.remove_each(&keys, |pos, v| got.push((pos, v)));
+            let mut want = Vec::new();
+            for (pos, &k) in keys.iter().enumerate() {
+                if let Some(v) = b.remove(k) {
+                    want.push((pos, v));
+                }
+            }
+            assert_eq!(got, want);
+            assert_eq!(a.len(), b.len());
+        }
+    }
+
+    #[test]
+    fn reqmap_with_a_bad_shift_is_still_exact() {
+        // Every key in one slot: all but one go to the overflow table.
+        let mut t = ReqMap::new(64, 20);
+        for k in 1..=500usize {
+            t.insert(k * 8, k as u64);
+        }
+        assert_eq!(t.len(), 500);
+        for k in (1..=500usize).rev() {
+            assert_eq!(t.get(k * 8), Some(k as u64));
+            assert_eq!(t.remove(k * 8), Some(k as u64));
+            assert_eq!(t.remove(k * 8), None);
+        }
+        assert!(t.is_empty());
     }
 
     #[test]
