@@ -429,6 +429,12 @@ fn print_manifest(m: &Manifest, mac: &str) {
     println!("  size         {}", human_bytes(total));
     for n in &m.nodes {
         println!("  node {}", n.node);
+        for r in &n.drained {
+            println!(
+                "    MPI rank {}: drained, sent {} received {} stashed {} ({} rounds)",
+                r.rank, r.sent, r.received, r.stashed, r.rounds
+            );
+        }
         for t in &n.trees {
             println!(
                 "    tree {}: root pid {} at dump, network {:?}",

@@ -57,6 +57,129 @@ pub const RSH_NAME: &str = "ckpt-rsh";
 pub const RSH_FAILED: i32 = 255;
 /// Exit status of `run --cluster` when a checkpoint stopped the job.
 pub const EX_TEMPFAIL: i32 = 75;
+/// The MPI drain shim's socket directory (see mpi-shim/README.md). For a
+/// job with `CKPT_SHIM=1` (set by `run --cluster` for an MPI job, passed on
+/// to every remote tree) `rsh-exec` sets it for its command to a directory
+/// of its own tree (`<its dir>/shim`, on the shared filesystem, so a tree
+/// restored on another node finds it), where the agent looks for the
+/// ranks' sockets (in the environments of the tree's processes). Agents
+/// do not pass it on to remote trees.
+pub const SHIM_DIR_ENV: &str = "CKPT_SHIM_DIR";
+/// `1`: the job's ranks run the drain shim (see [`SHIM_DIR_ENV`]).
+pub const SHIM_ENV: &str = "CKPT_SHIM";
+/// `openmpi`, `mpich`, `none` or `auto` (the default): which MPI the job's
+/// command runs, i.e. which drain shim `run --cluster` preloads.
+pub const MPI_ENV: &str = "CKPT_MPI";
+/// The drain shim library to preload (default: `libckpt_mpi_shim_<mpi>.so`
+/// next to `ckpt-job`).
+pub const SHIM_LIB_ENV: &str = "CKPT_SHIM_LIB";
+
+/// The MPI implementation a job runs (one shim build per ABI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mpi {
+    OpenMpi,
+    Mpich,
+}
+
+impl Mpi {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mpi::OpenMpi => "openmpi",
+            Mpi::Mpich => "mpich",
+        }
+    }
+}
+
+/// Which MPI `cmd` runs: `choice` (`openmpi`, `mpich`, `none`, or `auto`/
+/// empty: from the launcher `cmd[0]` resolves to, e.g.
+/// `/usr/bin/mpirun` -> `/usr/bin/mpirun.openmpi` or `mpiexec.hydra`). A
+/// command that is not an MPI launcher is no MPI job.
+pub fn detect_mpi(choice: &str, cmd: &[OsString]) -> Result<Option<Mpi>> {
+    match choice {
+        "openmpi" => return Ok(Some(Mpi::OpenMpi)),
+        "mpich" => return Ok(Some(Mpi::Mpich)),
+        "none" => return Ok(None),
+        "" | "auto" => {}
+        other => bail!("{MPI_ENV}={other:?}: use openmpi, mpich, none or auto"),
+    }
+    let Some(prog) = cmd.first() else {
+        return Ok(None);
+    };
+    let prog = Path::new(prog);
+    let found = if prog.components().count() > 1 {
+        Some(prog.to_path_buf())
+    } else {
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join(prog))
+                .find(|p| p.is_file())
+        })
+    };
+    let Some(found) = found else { return Ok(None) };
+    let real = fs::canonicalize(&found).unwrap_or(found);
+    let name = real
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let launcher = ["mpirun", "mpiexec", "orterun", "prterun"]
+        .iter()
+        .any(|l| name.starts_with(l));
+    if !launcher {
+        return Ok(None);
+    }
+    Ok(
+        if name.contains("openmpi") || name.starts_with("orterun") || name.starts_with("prterun") {
+            Some(Mpi::OpenMpi)
+        } else if name.contains("mpich") || name.contains("hydra") {
+            Some(Mpi::Mpich)
+        } else {
+            None
+        },
+    )
+}
+
+/// The shim library for `mpi`: `CKPT_SHIM_LIB`, else
+/// `libckpt_mpi_shim_<mpi>.so` next to `exe`.
+pub fn shim_lib(mpi: Mpi, exe: &Path) -> PathBuf {
+    match std::env::var_os(SHIM_LIB_ENV).filter(|s| !s.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => exe
+            .parent()
+            .unwrap_or(Path::new("/"))
+            .join(format!("libckpt_mpi_shim_{}.so", mpi.name())),
+    }
+}
+
+/// What an MPI job's environment needs for the drain shim: `LD_PRELOAD`
+/// for the ranks only where the launcher allows it (Open MPI: through
+/// `OMPI_MCA_mca_base_env_list`, which mpirun applies to every rank, on
+/// every node, but not to itself or the orted; hydra forwards the whole
+/// environment, so for MPICH `LD_PRELOAD` is set for the tree), and
+/// `CKPT_SHIM=1` (rsh-exec then sets `CKPT_SHIM_DIR` per tree). `env` is
+/// the job's environment so far.
+pub fn shim_env(mpi: Mpi, lib: &Path, env: &[(String, String)]) -> Vec<(String, String)> {
+    let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let lib = lib.to_string_lossy();
+    let preload = match get("LD_PRELOAD").filter(|v| !v.is_empty()) {
+        Some(old) => format!("{lib}:{old}"),
+        None => lib.into_owned(),
+    };
+    let mut out = vec![(SHIM_ENV.to_owned(), "1".to_owned())];
+    match mpi {
+        Mpi::OpenMpi => {
+            let list = match get("OMPI_MCA_mca_base_env_list").filter(|v| !v.is_empty()) {
+                Some(old) => format!("{old};LD_PRELOAD={preload}"),
+                None => format!("LD_PRELOAD={preload}"),
+            };
+            out.push(("OMPI_MCA_mca_base_env_list".to_owned(), list));
+        }
+        Mpi::Mpich => out.push(("LD_PRELOAD".to_owned(), preload)),
+    }
+    out
+}
+
+/// Longest socket path (`sun_path` minus its NUL).
+const SUN_PATH_MAX: usize = 107;
 
 const SPAWN_TIMEOUT: Duration = Duration::from_secs(120);
 const POLL_MIN: Duration = Duration::from_millis(20);
@@ -360,7 +483,11 @@ fn exec_inner(io: &IoDir, cmd: &[OsString]) -> Result<i32> {
             .open(&p)
             .with_context(|| format!("opening {}", p.display()))
     };
-    let (out, err) = (open(io.stdout())?, open(io.stderr())?);
+    let (out, mut err) = (open(io.stdout())?, open(io.stderr())?);
+    let shim_dir = match std::env::var_os(SHIM_ENV) {
+        Some(v) if v == "1" => tree_shim_dir(io, &mut err)?,
+        _ => None,
+    };
     let forwarded = [
         Signal::SIGTERM,
         Signal::SIGINT,
@@ -384,7 +511,12 @@ fn exec_inner(io: &IoDir, cmd: &[OsString]) -> Result<i32> {
             io::Error::last_os_error()
         );
     }
-    let mut child = Command::new(prog)
+    let mut command = Command::new(prog);
+    match &shim_dir {
+        Some(d) => command.env(SHIM_DIR_ENV, d),
+        None => command.env_remove(SHIM_DIR_ENV),
+    };
+    let mut child = command
         .args(args)
         .stdin(Stdio::null())
         .stdout(out)
@@ -422,6 +554,31 @@ fn exec_inner(io: &IoDir, cmd: &[OsString]) -> Result<i32> {
         }
     }
     Ok(code)
+}
+
+/// `<io dir>/shim`, created for this tree's MPI ranks' drain sockets; None
+/// (with a warning in the tree's stderr) if the socket paths would be too
+/// long for a Unix socket: the ranks then run undrained.
+fn tree_shim_dir(io: &IoDir, err: &mut File) -> Result<Option<PathBuf>> {
+    let dir = io.0.join("shim");
+    let longest = dir.join("4294967295.sock");
+    if longest.as_os_str().len() > SUN_PATH_MAX {
+        let _ = writeln!(
+            err,
+            "ckpt-job rsh-exec: warning: {} is too long for a Unix socket path \
+             ({} > {SUN_PATH_MAX} bytes): the MPI ranks of this tree are not drained \
+             at checkpoints; use a shorter --io-dir",
+            longest.display(),
+            longest.as_os_str().len()
+        );
+        return Ok(None);
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {} ({SHIM_DIR_ENV})", dir.display()))?;
+    Ok(Some(dir))
 }
 
 /// Our children (all threads'), from /proc.
@@ -550,6 +707,25 @@ pub fn run_cluster(o: ClusterRun) -> Result<i32> {
     // node-wide name that two trees restoring at once collide on ("Can't
     // create ghost regfile: File exists"). vader works the same on mmap.
     set("OMPI_MCA_shmem", "mmap".into(), false);
+    let choice = std::env::var(MPI_ENV).unwrap_or_default();
+    if let Some(mpi) = detect_mpi(&choice, &o.command)? {
+        let lib = shim_lib(mpi, &exe);
+        if lib.is_file() {
+            let snapshot = env.clone();
+            for (k, v) in shim_env(mpi, &lib, &snapshot) {
+                env.retain(|(n, _)| n != &k);
+                env.push((k, v));
+            }
+        } else {
+            eprintln!(
+                "ckpt-job: warning: {} MPI job, but the drain shim {} is not installed \
+                 (scripts/build-shim.sh; or set {SHIM_LIB_ENV}): its ranks are checkpointed \
+                 without a drain",
+                mpi.name(),
+                lib.display()
+            );
+        }
+    }
     let mut argv = vec![
         exe.to_string_lossy().into_owned(),
         "rsh-exec".into(),
@@ -642,6 +818,51 @@ mod tests {
 
     fn os(v: &[&str]) -> Vec<OsString> {
         v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn mpi_is_detected_from_the_launcher_or_chosen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mk = |name: &str| {
+            let p = dir.path().join(name);
+            fs::write(&p, "").unwrap();
+            p
+        };
+        let ompi = mk("mpirun.openmpi");
+        let link = dir.path().join("mpirun");
+        std::os::unix::fs::symlink(&ompi, &link).unwrap();
+        let hydra = mk("mpiexec.hydra");
+        let other = mk("simulate");
+        let cmd = |p: &Path| vec![p.as_os_str().to_owned(), "-np".into()];
+        assert_eq!(detect_mpi("", &cmd(&link)).unwrap(), Some(Mpi::OpenMpi));
+        assert_eq!(detect_mpi("auto", &cmd(&hydra)).unwrap(), Some(Mpi::Mpich));
+        assert_eq!(detect_mpi("", &cmd(&other)).unwrap(), None);
+        assert_eq!(detect_mpi("none", &cmd(&link)).unwrap(), None);
+        assert_eq!(detect_mpi("mpich", &cmd(&other)).unwrap(), Some(Mpi::Mpich));
+        let e = detect_mpi("lam", &cmd(&link)).unwrap_err().to_string();
+        assert!(e.contains("CKPT_MPI=\"lam\""), "{e}");
+    }
+
+    #[test]
+    fn shim_env_preloads_ranks_only_for_open_mpi() {
+        let lib = Path::new("/opt/ckpt/libckpt_mpi_shim_openmpi.so");
+        let env = vec![
+            ("LD_PRELOAD".to_owned(), "/x.so".to_owned()),
+            ("OMPI_MCA_mca_base_env_list".to_owned(), "A=1".to_owned()),
+        ];
+        let got = shim_env(Mpi::OpenMpi, lib, &env);
+        assert_eq!(
+            got,
+            [
+                ("CKPT_SHIM".to_owned(), "1".to_owned()),
+                (
+                    "OMPI_MCA_mca_base_env_list".to_owned(),
+                    "A=1;LD_PRELOAD=/opt/ckpt/libckpt_mpi_shim_openmpi.so:/x.so".to_owned()
+                ),
+            ]
+        );
+        let got = shim_env(Mpi::Mpich, Path::new("/l.so"), &[]);
+        assert_eq!(got[1], ("LD_PRELOAD".to_owned(), "/l.so".to_owned()));
     }
 
     #[test]

@@ -50,6 +50,7 @@ fn fill(p: &PendingEpoch) -> Manifest {
         nodes: vec![NodeImage {
             node: "n1".into(),
             ranks: vec![0],
+            drained: Vec::new(),
             trees: vec![TreeImage {
                 id: 0,
                 root_pid: 1,

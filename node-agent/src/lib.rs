@@ -22,4 +22,5 @@ pub mod freezer;
 pub mod images;
 pub mod jobnet;
 pub mod restore;
+pub mod shim;
 pub mod tree;

@@ -281,6 +281,17 @@ pub fn node_image_to_wire(img: &manifest::NodeImage) -> Result<pb::NodeImage, Wi
         ranks: img.ranks.clone(),
         trees,
         files,
+        drained: img
+            .drained
+            .iter()
+            .map(|r| pb::RankDrain {
+                rank: r.rank,
+                sent: r.sent,
+                received: r.received,
+                stashed: r.stashed,
+                rounds: r.rounds,
+            })
+            .collect(),
     })
 }
 
@@ -365,6 +376,17 @@ fn convert_node_image(img: pb::NodeImage, peer: &str) -> Result<manifest::NodeIm
         ranks: img.ranks,
         trees,
         files,
+        drained: img
+            .drained
+            .into_iter()
+            .map(|r| manifest::RankDrain {
+                rank: r.rank,
+                sent: r.sent,
+                received: r.received,
+                stashed: r.stashed,
+                rounds: r.rounds,
+            })
+            .collect(),
     };
     Ok(node)
 }
@@ -521,6 +543,13 @@ mod tests {
         manifest::NodeImage {
             node: "n1".into(),
             ranks: vec![0, 1],
+            drained: vec![manifest::RankDrain {
+                rank: 1,
+                sent: 9,
+                received: 8,
+                stashed: 1,
+                rounds: 2,
+            }],
             trees: vec![manifest::TreeImage {
                 id: 0,
                 root_pid: 4242,

@@ -281,6 +281,26 @@ pub struct NodeImage {
     pub trees: Vec<TreeImage>,
     /// Every file of this node in the epoch directory.
     pub files: Vec<FileDigest>,
+    /// The MPI ranks this node drained before the freeze (the drain
+    /// shim's READY counts); absent in manifests without them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drained: Vec<RankDrain>,
+}
+
+/// One MPI rank's counts at the drained cut (its READY line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankDrain {
+    /// World rank.
+    pub rank: u32,
+    /// Point-to-point messages it sent since MPI_Init.
+    pub sent: u64,
+    /// Messages it received (the stashed ones included).
+    pub received: u64,
+    /// Messages received by the shim during the drain, held for the
+    /// application's later receives.
+    pub stashed: u64,
+    /// Count-exchange rounds the drain took.
+    pub rounds: u64,
 }
 
 /// One CRIU-dumped process tree.
@@ -663,6 +683,13 @@ mod tests {
             nodes: vec![NodeImage {
                 node: "n1".into(),
                 ranks: vec![0, 1],
+                drained: vec![RankDrain {
+                    rank: 1,
+                    sent: 9,
+                    received: 8,
+                    stashed: 1,
+                    rounds: 2,
+                }],
                 trees: vec![TreeImage {
                     id: 0,
                     root_pid: 1234,

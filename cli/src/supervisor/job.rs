@@ -309,6 +309,7 @@ impl Job {
             nodes: vec![NodeImage {
                 node: self.node.clone(),
                 ranks: Vec::new(),
+                drained: Vec::new(),
                 trees: vec![dumped.image.clone()],
                 files,
             }],

@@ -72,6 +72,7 @@ fn payload(node: &str, hex: &str) -> Box<NodeDump> {
         image: NodeImage {
             node: node.to_owned(),
             ranks: vec![0, 1],
+            drained: Vec::new(),
             trees: vec![TreeImage {
                 id: 0,
                 root_pid: 1,

@@ -215,6 +215,7 @@ pub fn fake_image(node: &str) -> pb::NodeImage {
     pb::NodeImage {
         node: node.to_owned(),
         ranks: vec![0],
+        drained: Vec::new(),
         trees: vec![pb::TreeImage {
             id: 0,
             root_pid: 100,

@@ -67,6 +67,7 @@ pub(super) fn dump(name: &str, criu: &str, dump_ms: f64) -> Box<NodeDump> {
         image: NodeImage {
             node: name.to_owned(),
             ranks: vec![0, 1],
+            drained: Vec::new(),
             trees: vec![TreeImage {
                 id: 0,
                 root_pid: 100,

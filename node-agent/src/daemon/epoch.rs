@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ckpt_protocol::cluster::{digests_to_wire, node_image_to_wire, pb};
-use ckpt_protocol::manifest::CheckpointMode;
+use ckpt_protocol::manifest::{CheckpointMode, RankDrain};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -47,7 +47,7 @@ use pb::frame::Body;
 #[derive(Debug)]
 pub(crate) enum Cmd {
     /// A command from the coordinator about this job.
-    Frame(Body),
+    Frame(Box<Body>),
     /// The connection to the coordinator is gone.
     Lost,
 }
@@ -76,6 +76,8 @@ pub(super) struct Frozen {
     /// `frozen_max` from PREPARE: past it the agent thaws on its own.
     deadline: tokio::time::Instant,
     mode: CheckpointMode,
+    /// The MPI ranks drained at PREPARE (for the node's image).
+    drained: Vec<RankDrain>,
 }
 
 /// The flush of one epoch's files, running on the blocking pool.
@@ -167,7 +169,7 @@ pub(crate) async fn run(shared: Arc<Shared>, job: String, mut rx: mpsc::Unbounde
             }
         };
         match cmd {
-            Some(Cmd::Frame(body)) => t.on_frame(body).await,
+            Some(Cmd::Frame(body)) => t.on_frame(*body).await,
             Some(Cmd::Lost) => {
                 t.give_up("the coordinator was lost").await;
                 t.restore_lost("the coordinator was lost").await;
@@ -286,12 +288,24 @@ impl JobTask {
         }
         let frozen_at = Instant::now();
         let work = trees.clone();
-        let r = blocking(move || ops::prepare(&work, freeze_timeout))
+        // The ranks' drain gets 3/4 of the PREPARE deadline, so that a
+        // rank that never reaches a drain point fails the PREPARE here
+        // (closing every rank's socket: they resume) before the
+        // coordinator gives up.
+        let drain_deadline = if deadlines.prepare_ms > 0 {
+            Duration::from_millis(u64::from(deadlines.prepare_ms) * 3 / 4)
+        } else {
+            self.shared.cfg.freeze_timeout
+        };
+        let r = blocking(move || ops::prepare(&work, freeze_timeout, drain_deadline))
             .await
             .and_then(|r| r);
         match r {
             Ok(done) => {
-                tracing::info!(node = %self.shared.cfg.node, job = %self.job, epoch, freeze_ms = done.freeze_ms, "ready");
+                tracing::info!(node = %self.shared.cfg.node, job = %self.job, epoch, freeze_ms = done.freeze_ms, drain_ms = done.drain_ms, ranks = done.ranks.len(), "ready");
+                for r in &done.ranks {
+                    tracing::info!(node = %self.shared.cfg.node, job = %self.job, epoch, rank = r.rank, sent = r.sent, received = r.received, stashed = r.stashed, rounds = r.rounds, "rank drained");
+                }
                 self.frozen = Some(Frozen {
                     epoch,
                     held: Phase::Ready,
@@ -300,6 +314,7 @@ impl JobTask {
                     frozen_at,
                     deadline,
                     mode,
+                    drained: done.drained(),
                 });
                 self.status(epoch, pb::NodePhase::Ready);
                 self.send(pb::Ready {
@@ -332,6 +347,7 @@ impl JobTask {
         // page files are hashed while CRIU writes them. Continue mode: CRIU
         // alone, the hashing comes after the thaw.
         let hash_while_dumping = f.mode == CheckpointMode::Stop;
+        let drained = f.drained.clone();
         let progress = self.shared.progress();
         let r = blocking(move || {
             ops::dump(
@@ -346,7 +362,8 @@ impl JobTask {
         })
         .await
         .and_then(|r| r)
-        .and_then(|d| {
+        .and_then(|mut d| {
+            d.image.drained = drained;
             let wire = node_image_to_wire(&d.image).map_err(|e| e.to_string())?;
             Ok((d, wire))
         });

@@ -420,7 +420,7 @@ fn dispatch(
                 tokio::spawn(epoch::run(shared.clone(), job, rx));
                 tx
             });
-            let _ = tx.send(Cmd::Frame(body));
+            let _ = tx.send(Cmd::Frame(Box::new(body)));
             Ok(())
         }
         (Body::RemoteSpawn(s), _) => {

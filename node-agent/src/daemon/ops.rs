@@ -9,12 +9,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ckpt_protocol::manifest::{FileDigest, NetMode as ImageNet, NodeImage};
+use ckpt_protocol::manifest::{FileDigest, NetMode as ImageNet, NodeImage, RankDrain};
 
 use crate::capture::CaptureRules;
 use crate::checkpoint::{self, DumpHooks, DumpRequest};
 use crate::criu::{Criu, NoNotify};
 use crate::freezer::Freezer;
+use crate::shim;
 
 use super::trees::{Tree, TreeState};
 
@@ -100,16 +101,57 @@ pub(crate) fn ms(d: Duration) -> f64 {
 }
 
 /// PREPARE's result.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Prepared {
     pub lock_ms: f64,
     pub freeze_ms: f64,
+    /// The MPI ranks' drain (DRAIN to every READY) plus the output drain.
     pub drain_ms: f64,
+    /// Every local MPI rank's READY counts (none for a job without the
+    /// shim).
+    pub ranks: Vec<shim::RankReady>,
 }
 
-/// Freezes every tree of the job and drains its output. On failure every
-/// tree is thawed again.
-pub(crate) fn prepare(trees: &[Arc<Tree>], freeze_timeout: Duration) -> Result<Prepared, String> {
+impl Prepared {
+    /// The ranks' counts as the manifest records them.
+    pub(crate) fn drained(&self) -> Vec<RankDrain> {
+        self.ranks
+            .iter()
+            .map(|r| RankDrain {
+                rank: r.rank,
+                sent: r.sent,
+                received: r.received,
+                stashed: r.stashed,
+                rounds: r.rounds,
+            })
+            .collect()
+    }
+}
+
+/// The MPI ranks of the trees that run the drain shim: their sockets, to
+/// connect to from each tree's network namespace.
+fn rank_sockets(trees: &[Arc<Tree>]) -> Vec<shim::RankSocket> {
+    let mut socks = Vec::new();
+    for t in trees {
+        let root = t.handle.root_pid;
+        let pids = crate::capture::tree_pids(root).unwrap_or_default();
+        let netns = std::path::PathBuf::from(format!("/proc/{root}/ns/net"));
+        socks.extend(shim::rank_sockets(&shim::shim_dirs(&pids), Some(&netns)));
+    }
+    socks
+}
+
+/// Drains the job's MPI ranks on this node (if it runs the shim), then
+/// locks the network and freezes every tree and drains its output. The
+/// ranks' connections are closed once the trees are frozen (a connection
+/// to a process outside the tree cannot be dumped): a rank reads end of
+/// file when it is thawed (or restored) and resumes. On failure every tree
+/// is thawed again, and the ranks are resumed.
+pub(crate) fn prepare(
+    trees: &[Arc<Tree>],
+    freeze_timeout: Duration,
+    drain_deadline: Duration,
+) -> Result<Prepared, String> {
     if trees.is_empty() {
         return Err("no tree of this job runs on this node".into());
     }
@@ -118,6 +160,20 @@ pub(crate) fn prepare(trees: &[Arc<Tree>], freeze_timeout: Duration) -> Result<P
             return Err(format!("tree {} has already exited (status {code})", t.id));
         }
     }
+    let tr = Instant::now();
+    let socks = rank_sockets(trees);
+    let (parked, ranks) = shim::drain(&socks, drain_deadline);
+    let ranks = ranks.map_err(|e| format!("draining the MPI ranks: {e}"))?;
+    let rank_ms = ms(tr.elapsed());
+    let r = lock_and_freeze(trees, freeze_timeout);
+    drop(parked);
+    let mut done = r?;
+    done.drain_ms += rank_ms;
+    done.ranks = ranks;
+    Ok(done)
+}
+
+fn lock_and_freeze(trees: &[Arc<Tree>], freeze_timeout: Duration) -> Result<Prepared, String> {
     // The network lock comes first (DESIGN.md): once every node is READY,
     // no packet of the job crosses the cut.
     let tl = Instant::now();
@@ -159,6 +215,7 @@ pub(crate) fn prepare(trees: &[Arc<Tree>], freeze_timeout: Duration) -> Result<P
         lock_ms,
         freeze_ms,
         drain_ms: ms(td.elapsed()),
+        ranks: Vec::new(),
     })
 }
 
@@ -262,6 +319,7 @@ fn dump_trees(
         image: NodeImage {
             node: node.to_owned(),
             ranks: Vec::new(),
+            drained: Vec::new(),
             trees: Vec::new(),
             files: Vec::new(),
         },

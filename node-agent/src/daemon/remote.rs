@@ -85,7 +85,10 @@ fn caller(pid: i32) -> Result<Caller, String> {
 
 /// Variables that describe the calling process or its shell rather than the
 /// job: MPI launchers give them to each rank and daemon themselves.
-const DROPPED: &[&str] = &["HOSTNAME", "PWD", "OLDPWD", "SHLVL", "_"];
+/// `CKPT_SHIM_DIR` names the calling tree's drain-socket directory: a
+/// remote tree gets its own (`ckpt-job rsh-exec` sets it when `CKPT_SHIM`
+/// says the job runs the MPI drain shim).
+const DROPPED: &[&str] = &["HOSTNAME", "PWD", "OLDPWD", "SHLVL", "_", "CKPT_SHIM_DIR"];
 const DROPPED_PREFIXES: &[&str] = &[
     "OMPI_COMM_WORLD_",
     "OMPI_MCA_ess_",
