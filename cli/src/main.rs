@@ -164,6 +164,12 @@ enum Cmd {
         /// Time between Slurm's USR1 and the walltime (10s..65535s).
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "120s")]
         grace: Duration,
+        /// Periodic checkpoints of the running job (whole seconds).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        interval: Option<Duration>,
+        /// With --interval: committed epochs to keep (default: keep of the config).
+        #[arg(long, value_name = "K", requires = "interval")]
+        keep: Option<usize>,
         /// Passed to slurm-run.
         #[arg(long, value_name = "PATH")]
         agent_socket: Option<String>,
@@ -181,6 +187,14 @@ enum Cmd {
     /// Inside a Slurm batch job (what submit runs): start CMD across the
     /// allocation, or restart it after a requeue; USR1 checkpoints and requeues.
     SlurmRun {
+        /// Time between Slurm's USR1 and the walltime, as submitted.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "120s")]
+        grace: Duration,
+        /// Periodic checkpoints, registered with the coordinator once the job runs.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        interval: Option<Duration>,
+        #[arg(long, value_name = "K", requires = "interval")]
+        keep: Option<usize>,
         /// The node agent's control socket; %n = this node's name.
         #[arg(long, value_name = "PATH")]
         agent_socket: Option<String>,
@@ -250,17 +264,24 @@ fn real_main(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Submit {
             grace,
+            interval,
+            keep,
             agent_socket,
             net,
             rest,
         } => submit::submit(&submit::SubmitArgs {
             grace,
+            interval,
+            keep,
             agent_socket,
             net: net.map(|n| net_mode(Some(n))),
             config: cli.config.clone(),
             rest,
         }),
         Cmd::SlurmRun {
+            grace,
+            interval,
+            keep,
             agent_socket,
             net,
             io_dir,
@@ -268,6 +289,9 @@ fn real_main(cli: Cli) -> Result<i32> {
         } => submit::slurm_run(
             &cfg,
             submit::SlurmRun {
+                grace,
+                interval,
+                keep,
                 agent_socket,
                 net: net_mode(net),
                 io_dir,

@@ -9,11 +9,18 @@
 //! `slurm-run`, in the batch step (first node of the allocation):
 //! - names the job `slurm-<ClusterName>-<SLURM_JOB_ID>` (the same on every
 //!   requeued run; the prolog and epilog derive it the same way);
-//! - on USR1 (Slurm's pre-walltime signal, or `scancel --signal=USR1
-//!   --batch`): checkpoints the job in stop mode through the coordinator
-//!   and, once the epoch is committed, `scontrol requeue`s it; a failed
-//!   checkpoint is reported and tried again (3 attempts), then the job
-//!   runs on (no requeue, since nothing would come back);
+//! - with `--interval`: has the coordinator checkpoint the job
+//!   periodically once its first tree runs, and again after a restart;
+//! - on USR1 (Slurm's pre-walltime signal, a preemption, or `scancel
+//!   --signal=USR1 --batch`): switches the periodic checkpoints off, then
+//!   decides ([`final_checkpoint`]) whether a final checkpoint would be
+//!   committed before the walltime; if so (or without a committed epoch,
+//!   or on preemption) checkpoints the job in stop mode through the
+//!   coordinator and, once the epoch is committed, `scontrol requeue`s it;
+//!   if not, requeues it at once to restart from the last committed epoch
+//!   and says so. A failed checkpoint is reported and tried again (3
+//!   attempts), then the job is requeued from its last committed epoch, or
+//!   without one runs on (no requeue, since nothing would come back);
 //! - on a requeued run (`SLURM_RESTART_COUNT` > 0) with a committed epoch:
 //!   restarts it with each image node placed on itself if it is in the new
 //!   allocation, else on a node of the new allocation that holds no image,
@@ -55,6 +62,9 @@ const SHORT_WITH_VALUE: &str = "AabcDdeFGiJLMmNnopqStwx";
 #[derive(Debug, Clone)]
 pub struct SubmitArgs {
     pub grace: Duration,
+    /// Periodic checkpoints (`slurm-run --interval`), and how many to keep.
+    pub interval: Option<Duration>,
+    pub keep: Option<usize>,
     /// Passed on to slurm-run.
     pub agent_socket: Option<String>,
     pub net: Option<NetMode>,
@@ -166,6 +176,22 @@ pub fn sbatch_argv(a: &SubmitArgs, exe: &Path) -> Result<Vec<String>> {
         wrap.push(sh_quote(&c.to_string_lossy()));
     }
     wrap.push("slurm-run".into());
+    wrap.push(format!("--grace={secs}s"));
+    if let Some(i) = a.interval {
+        if i.as_secs() == 0 || i.subsec_nanos() != 0 {
+            bail!(
+                "--interval {}: give whole seconds, at least 1s",
+                humantime::format_duration(i)
+            );
+        }
+        wrap.push(format!("--interval={}s", i.as_secs()));
+    }
+    if let Some(k) = a.keep {
+        if k == 0 {
+            bail!("--keep must be at least 1");
+        }
+        wrap.push(format!("--keep={k}"));
+    }
     if let Some(s) = &a.agent_socket {
         wrap.push("--agent-socket".into());
         wrap.push(sh_quote(s));
@@ -264,6 +290,11 @@ pub fn placement(images: &[String], alloc: &[String]) -> Result<Vec<(String, Str
 /// What `slurm-run` was asked.
 #[derive(Debug)]
 pub struct SlurmRun {
+    /// Time between Slurm's USR1 and the walltime (as submitted).
+    pub grace: Duration,
+    /// Periodic checkpoints registered with the coordinator once the job runs.
+    pub interval: Option<Duration>,
+    pub keep: Option<usize>,
     /// `%n` is replaced by the node's name (SLURMD_NODENAME).
     pub agent_socket: Option<String>,
     pub net: NetMode,
@@ -361,45 +392,22 @@ pub fn slurm_run(cfg: &Config, o: SlurmRun) -> Result<i32> {
     let stopped = Arc::new(AtomicBool::new(false));
     {
         let (cfg, job, id, stopped) = (cfg.clone(), job.clone(), id.clone(), stopped.clone());
+        let (grace, periodic) = (o.grace, o.interval.is_some());
         std::thread::spawn(move || loop {
             if set.wait() != Ok(Signal::SIGUSR1) {
                 continue;
             }
-            eprintln!("ckpt-job: USR1: checkpointing job {job} (stop mode), then requeueing Slurm job {id}");
-            // A failed epoch is aborted (the trees run on untouched): try again.
-            let mut done = false;
-            for attempt in 1..=CHECKPOINT_ATTEMPTS {
-                match crate::commands::checkpoint_any(&cfg, &job, true, false) {
-                    Ok(_) => {
-                        done = true;
-                        break;
-                    }
-                    Err(e) => eprintln!(
-                        "ckpt-job: checkpoint {attempt}/{CHECKPOINT_ATTEMPTS} of {job} failed: {e:#}"
-                    ),
-                }
-                sleep(Duration::from_secs(2));
-            }
-            if !done {
-                eprintln!("ckpt-job: no checkpoint of {job}: it runs on and is not requeued");
-                continue;
-            }
-            stopped.store(true, Ordering::SeqCst);
-            match Command::new("scontrol").args(["requeue", &id]).status() {
-                Ok(s) if s.success() => eprintln!("ckpt-job: Slurm job {id} requeued"),
-                Ok(s) => eprintln!("ckpt-job: scontrol requeue {id} failed ({s})"),
-                Err(e) => eprintln!("ckpt-job: running scontrol requeue {id}: {e}"),
-            }
+            on_usr1(&cfg, &job, &id, grace, periodic, &stopped);
         });
     }
-
     let epoch = if restarts > 0 {
         last_epoch(cfg, &job)?
     } else {
         0
     };
+    let schedule = o.interval.map(|i| (i, o.keep.unwrap_or(cfg.keep)));
     if epoch > 0 {
-        return restart(cfg, &job, &io_root, &alloc, restarts, &stopped);
+        return restart(cfg, &job, &io_root, &alloc, restarts, &stopped, schedule);
     }
     if restarts > 0 {
         eprintln!("ckpt-job: requeued run {restarts} of {job}: no committed epoch, starting fresh");
@@ -414,6 +422,23 @@ pub fn slurm_run(cfg: &Config, o: SlurmRun) -> Result<i32> {
                 .with_context(|| format!("moving the last run's {} aside", io_root.display()))?;
             eprintln!("ckpt-job: the last run's files are in {}", old.display());
         }
+    }
+    if let Some((interval, keep)) = schedule {
+        // The coordinator learns the job when its first tree starts.
+        let (cfg, job) = (cfg.clone(), job.clone());
+        std::thread::spawn(move || {
+            let t0 = std::time::Instant::now();
+            while t0.elapsed() < Duration::from_secs(120) {
+                if let Ok(Some(j)) = cluster_job(&cfg, &job) {
+                    if j.phase == "running" {
+                        register_schedule(&cfg, &job, interval, keep);
+                        return;
+                    }
+                }
+                sleep(Duration::from_millis(500));
+            }
+            eprintln!("ckpt-job: job {job} did not start within 120 s: no periodic checkpoints");
+        });
     }
     let code = rsh::run_cluster(rsh::ClusterRun {
         job,
@@ -430,6 +455,212 @@ pub fn slurm_run(cfg: &Config, o: SlurmRun) -> Result<i32> {
     })
 }
 
+/// What `slurm-run` does on USR1.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FinalCheckpoint {
+    /// Checkpoint in stop mode, then requeue.
+    Take,
+    /// Requeue from the committed `epoch`: a new checkpoint, estimated to
+    /// take `estimate`, would not be committed in the `left` before the
+    /// walltime.
+    UseLast {
+        epoch: u64,
+        estimate: Duration,
+        left: Duration,
+    },
+}
+
+/// Margin on top of the last epoch's duration: an estimate, not a promise.
+const ESTIMATE_SLACK: Duration = Duration::from_secs(5);
+
+/// The final-checkpoint decision on USR1. `left`: time before the
+/// walltime (`None`: unknown or unlimited); `preempted`: Slurm preempts the
+/// job; `last`: the newest committed epoch and how long it took
+/// (`None` for the duration: unknown). A preemption, a signal well before
+/// the walltime's grace (`scancel --signal=USR1`), an unknown time left or
+/// duration, or no committed epoch: checkpoint. Otherwise checkpoint only
+/// if 1.25 × the last epoch's duration + 5 s fits in the time left.
+pub fn final_checkpoint(
+    left: Option<Duration>,
+    grace: Duration,
+    preempted: bool,
+    last: Option<(u64, Option<Duration>)>,
+) -> FinalCheckpoint {
+    let (Some(left), Some((epoch, Some(took))), false) = (left, last, preempted) else {
+        return FinalCheckpoint::Take;
+    };
+    // Not the pre-walltime signal: a user's or an admin's.
+    if left > grace + Duration::from_secs(60) {
+        return FinalCheckpoint::Take;
+    }
+    let estimate = took + took / 4 + ESTIMATE_SLACK;
+    if estimate <= left {
+        FinalCheckpoint::Take
+    } else {
+        FinalCheckpoint::UseLast {
+            epoch,
+            estimate,
+            left,
+        }
+    }
+}
+
+/// Parses squeue's `%L` (time left): `SS`, `MM:SS`, `H:MM:SS`,
+/// `D-HH:MM:SS`; `None` for `UNLIMITED`, `NOT_SET`, `INVALID` or anything
+/// else.
+pub fn parse_time_left(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (days, rest) = match s.split_once('-') {
+        Some((d, r)) => (d.parse::<u64>().ok()?, r),
+        None => (0, s),
+    };
+    let parts: Vec<u64> = rest
+        .split(':')
+        .map(|p| p.parse::<u64>().ok())
+        .collect::<Option<_>>()?;
+    let (h, m, sec) = match parts[..] {
+        [sec] => (0, 0, sec),
+        [m, sec] => (0, m, sec),
+        [h, m, sec] => (h, m, sec),
+        _ => return None,
+    };
+    Some(Duration::from_secs(((days * 24 + h) * 60 + m) * 60 + sec))
+}
+
+/// Time left before the walltime of Slurm job `id` (squeue `%L`).
+fn time_left(id: &str) -> Option<Duration> {
+    let out = Command::new("squeue")
+        .args(["-h", "-j", id, "-o", "%L"])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| parse_time_left(&String::from_utf8_lossy(&out.stdout)))
+        .flatten()
+}
+
+/// Whether Slurm preempts job `id` (`scontrol show job`: `PreemptTime` set).
+fn preempted(id: &str) -> bool {
+    let Ok(out) = Command::new("scontrol")
+        .args(["show", "job", "-o", id])
+        .output()
+    else {
+        return false;
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("PreemptTime="))
+        .is_some_and(|v| !matches!(v, "None" | "Unknown" | ""))
+}
+
+/// The coordinator's newest committed epoch of `job` and its duration
+/// (from the manifest's timings; `None` if unreadable).
+fn last_committed(cfg: &Config, job: &str) -> Option<(u64, Option<Duration>)> {
+    let epoch = last_epoch(cfg, job).ok().filter(|&e| e > 0)?;
+    let store = ckpt_coordinator::store::ImageStore::new(&cfg.ckpt_dir);
+    let took = store
+        .load_manifest(job, epoch, None)
+        .ok()
+        .map(|m| m.timings.total_ms)
+        .filter(|ms| ms.is_finite() && *ms >= 0.0)
+        .map(|ms| Duration::from_secs_f64(ms / 1e3));
+    Some((epoch, took))
+}
+
+/// Sets (or, with an interval of 0, clears) the coordinator's periodic
+/// checkpoints of `job`; reports on stderr, never fails the job.
+fn register_schedule(cfg: &Config, job: &str, interval: Duration, keep: usize) {
+    let Some(sock) = &cfg.coordinator_socket else {
+        return;
+    };
+    let op = pb::request::Op::ClusterSchedule(pb::ClusterScheduleRequest {
+        job: job.into(),
+        interval_seconds: interval.as_secs(),
+        keep: u32::try_from(keep).unwrap_or(u32::MAX),
+    });
+    match call(sock, op, Duration::from_secs(30)) {
+        Ok(pb::response::Body::ClusterSchedule(d)) if d.interval_seconds > 0 => eprintln!(
+            "ckpt-job: job {job} is checkpointed every {}, keeping {} epochs",
+            humantime::format_duration(Duration::from_secs(d.interval_seconds)),
+            d.keep
+        ),
+        Ok(pb::response::Body::ClusterSchedule(_)) => {}
+        Ok(other) => eprintln!("ckpt-job: unexpected reply from the coordinator: {other:?}"),
+        Err(e) => eprintln!(
+            "ckpt-job: setting job {job}'s periodic checkpoints at {}: {e}",
+            sock.display()
+        ),
+    }
+}
+
+/// USR1: the final checkpoint (or the last committed epoch), then requeue.
+fn on_usr1(
+    cfg: &Config,
+    job: &str,
+    id: &str,
+    grace: Duration,
+    periodic: bool,
+    stopped: &AtomicBool,
+) {
+    if periodic {
+        // No periodic tick may start now; the final decision is ours.
+        register_schedule(cfg, job, Duration::ZERO, cfg.keep);
+    }
+    let decision = final_checkpoint(
+        time_left(id),
+        grace,
+        preempted(id),
+        last_committed(cfg, job),
+    );
+    match decision {
+        FinalCheckpoint::UseLast {
+            epoch,
+            estimate,
+            left,
+        } => eprintln!(
+            "ckpt-job: USR1: a checkpoint of {job} would take ~{} and {} are left before the \
+             walltime: no final checkpoint; requeueing Slurm job {id} to restart from epoch {epoch}",
+            humantime::format_duration(Duration::from_secs(estimate.as_secs())),
+            humantime::format_duration(left)
+        ),
+        FinalCheckpoint::Take => {
+            eprintln!("ckpt-job: USR1: checkpointing job {job} (stop mode), then requeueing Slurm job {id}");
+            // A failed epoch is aborted (the trees run on untouched): try again.
+            let mut done = false;
+            for attempt in 1..=CHECKPOINT_ATTEMPTS {
+                match crate::commands::checkpoint_any(cfg, job, true, false) {
+                    Ok(_) => {
+                        done = true;
+                        break;
+                    }
+                    Err(e) => eprintln!(
+                        "ckpt-job: checkpoint {attempt}/{CHECKPOINT_ATTEMPTS} of {job} failed: {e:#}"
+                    ),
+                }
+                sleep(Duration::from_secs(2));
+            }
+            if !done {
+                match last_committed(cfg, job) {
+                    Some((epoch, _)) => eprintln!(
+                        "ckpt-job: no final checkpoint of {job}: requeueing Slurm job {id} to \
+                         restart from epoch {epoch}"
+                    ),
+                    None => {
+                        eprintln!("ckpt-job: no checkpoint of {job}: it runs on and is not requeued");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    stopped.store(true, Ordering::SeqCst);
+    match Command::new("scontrol").args(["requeue", id]).status() {
+        Ok(s) if s.success() => eprintln!("ckpt-job: Slurm job {id} requeued"),
+        Ok(s) => eprintln!("ckpt-job: scontrol requeue {id} failed ({s})"),
+        Err(e) => eprintln!("ckpt-job: running scontrol requeue {id}: {e}"),
+    }
+}
+
 fn restart(
     cfg: &Config,
     job: &str,
@@ -437,6 +668,7 @@ fn restart(
     alloc: &[String],
     restarts: u32,
     stopped: &AtomicBool,
+    schedule: Option<(Duration, usize)>,
 ) -> Result<i32> {
     let store = ckpt_coordinator::store::ImageStore::new(&cfg.ckpt_dir);
     let images: Vec<String> = (|| -> Result<Vec<String>> {
@@ -466,6 +698,9 @@ fn restart(
     let size = |p: &Path| fs::metadata(p).map_or(0, |m| m.len());
     let mut offs = [size(&main.stdout()), size(&main.stderr())];
     crate::commands::cluster_restart(cfg, job, None, &place, false)?;
+    if let Some((interval, keep)) = schedule {
+        register_schedule(cfg, job, interval, keep);
+    }
     let mut pause = Duration::from_millis(20);
     // A restored job writes its exit status before its trees end; trees
     // that are all gone without one were killed (e.g. on a failed node).
@@ -617,6 +852,8 @@ mod tests {
         fs::write(&script, "#!/bin/sh\n#SBATCH -N 2\necho\n").unwrap();
         let a = SubmitArgs {
             grace: Duration::from_secs(60),
+            interval: None,
+            keep: None,
             agent_socket: Some("/run/%n.sock".into()),
             net: None,
             config: None,
@@ -648,11 +885,98 @@ mod tests {
                 "--open-mode=append".into(),
                 "--signal=B:USR1@60".into(),
                 format!(
-                    "--wrap=exec '/bin/ckpt-job' slurm-run --agent-socket '/run/%n.sock' -- {} 'x y'",
+                    "--wrap=exec '/bin/ckpt-job' slurm-run --grace=60s --agent-socket '/run/%n.sock' -- {} 'x y'",
                     sh_quote(&script.to_string_lossy())
                 ),
             ]
         );
         assert!(sh_quote("job's").contains("'\\''"));
+        let mut a = a;
+        a.interval = Some(Duration::from_secs(90));
+        a.keep = Some(2);
+        let v = sbatch_argv(&a, Path::new("/bin/ckpt-job")).unwrap();
+        let wrap = v.last().unwrap();
+        assert!(
+            wrap.contains("slurm-run --grace=60s --interval=90s --keep=2 --agent-socket"),
+            "{wrap}"
+        );
+        a.interval = Some(Duration::from_millis(1500));
+        let e = sbatch_argv(&a, Path::new("/bin/ckpt-job"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--interval 1s 500ms"), "{e}");
+    }
+
+    #[test]
+    fn squeue_time_left_is_parsed() {
+        let s = Duration::from_secs;
+        assert_eq!(parse_time_left("45"), Some(s(45)));
+        assert_eq!(parse_time_left("2:05\n"), Some(s(125)));
+        assert_eq!(parse_time_left("1:00:01"), Some(s(3601)));
+        assert_eq!(parse_time_left("2-01:00:00"), Some(s(2 * 86400 + 3600)));
+        for bad in ["UNLIMITED", "NOT_SET", "INVALID", "", "1:2:3:4", "x-1:00"] {
+            assert_eq!(parse_time_left(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn final_checkpoint_only_if_it_fits() {
+        let s = Duration::from_secs;
+        let grace = s(120);
+        // Last epoch took 100 s: estimate 100 + 25 + 5 = 130 s.
+        let last = Some((4, Some(s(100))));
+        assert_eq!(
+            final_checkpoint(Some(s(110)), grace, false, last),
+            FinalCheckpoint::UseLast {
+                epoch: 4,
+                estimate: s(130),
+                left: s(110)
+            }
+        );
+        assert_eq!(
+            final_checkpoint(Some(s(129)), grace, false, last),
+            FinalCheckpoint::UseLast {
+                epoch: 4,
+                estimate: s(130),
+                left: s(129)
+            }
+        );
+        assert_eq!(
+            final_checkpoint(Some(s(130)), grace, false, last),
+            FinalCheckpoint::Take
+        );
+        // A quick last epoch fits.
+        assert_eq!(
+            final_checkpoint(Some(s(110)), grace, false, Some((4, Some(s(2))))),
+            FinalCheckpoint::Take
+        );
+        // No committed epoch: try anyway.
+        assert_eq!(
+            final_checkpoint(Some(s(1)), grace, false, None),
+            FinalCheckpoint::Take
+        );
+        // A preemption always checkpoints.
+        assert_eq!(
+            final_checkpoint(Some(s(1)), grace, true, last),
+            FinalCheckpoint::Take
+        );
+        // Unknown time left, or unknown duration: checkpoint.
+        assert_eq!(
+            final_checkpoint(None, grace, false, last),
+            FinalCheckpoint::Take
+        );
+        assert_eq!(
+            final_checkpoint(Some(s(1)), grace, false, Some((4, None))),
+            FinalCheckpoint::Take
+        );
+        // Far from the walltime (scancel --signal=USR1): not the walltime's signal.
+        assert_eq!(
+            final_checkpoint(Some(s(3600)), s(10), false, Some((4, Some(s(5000))))),
+            FinalCheckpoint::Take
+        );
+        assert!(matches!(
+            final_checkpoint(Some(s(70)), s(10), false, Some((4, Some(s(5000))))),
+            FinalCheckpoint::UseLast { .. }
+        ));
     }
 }

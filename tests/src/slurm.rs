@@ -56,6 +56,51 @@ const T_CLIENT: Duration = Duration::from_secs(30);
 static SEQ: AtomicU32 = AtomicU32::new(0);
 static SWEEP: Once = Once::new();
 
+/// The ckpt side of a Slurm test cluster, in `dir`: a ckpt config
+/// (`ckpt.toml`: the daemons' image dir, key and coordinator socket; run
+/// and staging dirs under `dir`) and the prolog and epilog of `slurm/`
+/// installed in `dir/hooks` with a `ckpt-hooks.env` pointing them at the
+/// agents' sockets (`dir/%n.sock`) and logging to `dir/hooks.log`. Returns
+/// the config's path and Slurm options with the hooks set.
+pub fn ckpt_setup(dir: &Path, d: &crate::daemons::Daemons) -> (PathBuf, SlurmOpts) {
+    let cfg = dir.join("ckpt.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "ckpt_dir = \"{}\"\nkey_file = \"{}\"\nrun_dir = \"{}\"\nstaging_dir = \"{}\"\n\
+             coordinator_socket = \"{}\"\n",
+            d.images.display(),
+            d.key.display(),
+            dir.join("run").display(),
+            dir.join("staging").display(),
+            d.coord_sock.display()
+        ),
+    )
+    .unwrap();
+    let hooks = dir.join("hooks");
+    fs::create_dir_all(&hooks).unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../slurm");
+    for h in ["ckpt-prolog", "ckpt-epilog"] {
+        fs::copy(src.join(h), hooks.join(h)).unwrap();
+        fs::set_permissions(hooks.join(h), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    fs::write(
+        hooks.join("ckpt-hooks.env"),
+        format!(
+            "CKPT_AGENT_SOCKET='{}/%n.sock'\nCKPT_HOOK_LOG='{}'\n",
+            dir.display(),
+            dir.join("hooks.log").display()
+        ),
+    )
+    .unwrap();
+    let opts = SlurmOpts {
+        prolog: Some(hooks.join("ckpt-prolog")),
+        epilog: Some(hooks.join("ckpt-epilog")),
+        ..Default::default()
+    };
+    (cfg, opts)
+}
+
 /// A running Slurm; stopped and removed on drop.
 #[derive(Debug)]
 pub struct Slurm {

@@ -191,44 +191,10 @@ fn node_leftovers(node: &Node, job: &str) -> Vec<String> {
 
 /// The test's ckpt config, hooks and job script in `dir`.
 fn setup(dir: &Path, d: &Daemons) -> (PathBuf, SlurmOpts) {
-    let cfg = dir.join("ckpt.toml");
-    fs::write(
-        &cfg,
-        format!(
-            "ckpt_dir = \"{}\"\nkey_file = \"{}\"\nrun_dir = \"{}\"\nstaging_dir = \"{}\"\n\
-             coordinator_socket = \"{}\"\n",
-            d.images.display(),
-            d.key.display(),
-            dir.join("run").display(),
-            dir.join("staging").display(),
-            d.coord_sock.display()
-        ),
-    )
-    .unwrap();
-    let hooks = dir.join("hooks");
-    fs::create_dir_all(&hooks).unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../slurm");
-    for h in ["ckpt-prolog", "ckpt-epilog"] {
-        fs::copy(src.join(h), hooks.join(h)).unwrap();
-        fs::set_permissions(hooks.join(h), fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    fs::write(
-        hooks.join("ckpt-hooks.env"),
-        format!(
-            "CKPT_AGENT_SOCKET='{}/%n.sock'\nCKPT_HOOK_LOG='{}'\n",
-            dir.display(),
-            dir.join("hooks.log").display()
-        ),
-    )
-    .unwrap();
+    let (cfg, opts) = ckpt_e2e::slurm::ckpt_setup(dir, d);
     let script = dir.join("job.sh");
     fs::write(&script, JOB_SH).unwrap();
     fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
-    let opts = SlurmOpts {
-        prolog: Some(hooks.join("ckpt-prolog")),
-        epilog: Some(hooks.join("ckpt-epilog")),
-        ..Default::default()
-    };
     (cfg, opts)
 }
 
@@ -299,6 +265,11 @@ impl Rig {
     /// (Slurm output and `.ckpt/` go there), as `uid` (its group = uid) if
     /// given: the work dir is then made theirs.
     fn submit_as(&self, uid: Option<u32>) -> Submitted {
+        self.submit_opts(uid, &[])
+    }
+
+    /// [`Rig::submit_as`] with more `ckpt-job submit` options.
+    fn submit_opts(&self, uid: Option<u32>, opts: &[&str]) -> Submitted {
         let ckpt = bin_dir().join("ckpt-job");
         let prog = example("tcp_pair");
         let script = self.dir().join("job.sh");
@@ -308,7 +279,7 @@ impl Rig {
             self.work.clone().into_os_string(),
             STEPS.into(),
         ];
-        self.submit_script(uid, &script, &args)
+        self.submit_script(uid, opts, &script, &args)
     }
 
     /// `ckpt-job submit SCRIPT ARGS` (grace 60 s) from the work dir, as
@@ -316,6 +287,7 @@ impl Rig {
     fn submit_script(
         &self,
         uid: Option<u32>,
+        opts: &[&str],
         script: &Path,
         args: &[std::ffi::OsString],
     ) -> Submitted {
@@ -342,7 +314,9 @@ impl Rig {
         };
         c.arg("--config")
             .arg(&self.cfg)
-            .args(["submit", "--grace", "60s", "--agent-socket"])
+            .args(["submit", "--grace", "60s"])
+            .args(opts)
+            .arg("--agent-socket")
             .arg(format!("{}/%n.sock", dir.display()))
             .arg(format!("--output={}/slurm-%j.out", self.work.display()))
             .arg(script)
@@ -791,6 +765,93 @@ fn a_non_root_users_job_is_theirs_through_checkpoint_requeue_and_restart() {
     rig.assert_clean(&s, &[1, 2]);
 }
 
+/// Committed epochs of `job` in the image directory (with a MANIFEST).
+fn committed_epochs(images: &Path, job: &str) -> Vec<u64> {
+    let mut v: Vec<u64> = fs::read_dir(images.join(job))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().join("MANIFEST").is_file())
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_unstable();
+    v
+}
+
+#[test]
+fn submit_interval_checkpoints_periodically_before_and_after_the_requeue() {
+    let name = "submit_interval_checkpoints_periodically_before_and_after_the_requeue";
+    if !require_cluster(name) || !require(name, &[Prereq::Root, Prereq::Criu, Prereq::Slurm]) {
+        return;
+    }
+    let reference = reference_thread();
+    let rig = Rig::new(3);
+    let s = rig.submit_opts(None, &["--interval=1s", "--keep=2"]);
+    let logs = || rig.logs(&s);
+    let images = rig.d.images.clone();
+    // The batch side registered the schedule: epochs come without asking.
+    wait_until("two periodic epochs", T_JOB, &logs, &|| {
+        committed_epochs(&images, &s.job).last().copied() >= Some(2)
+    });
+    assert!(
+        result_line(&read(&rig.server_out())).is_none(),
+        "finished before the stop: raise STEPS\n{}",
+        logs()
+    );
+    rig.slurm
+        .run("scancel", &["--signal=USR1", "--batch", &s.id.to_string()]);
+    wait_until("the requeue", T_JOB, &logs, &|| {
+        rig.slurm
+            .job_field(s.id, "Restarts")
+            .is_some_and(|r| r != "0")
+    });
+    let so = read(&rig.slurm_out(&s));
+    assert!(
+        so.contains("is checkpointed every 1s, keeping 2 epochs"),
+        "{}",
+        logs()
+    );
+    // Far from the walltime: the final checkpoint is taken.
+    assert!(so.contains("USR1: checkpointing job"), "{}", logs());
+    let stop_epoch = *committed_epochs(&images, &s.job).last().unwrap();
+    // ... and after the restart the schedule is set again.
+    wait_until("a periodic epoch after the restart", T_JOB, &logs, &|| {
+        committed_epochs(&images, &s.job).last().copied() > Some(stop_epoch)
+            || result_line(&read(&rig.server_out())).is_some()
+    });
+    let st = rig
+        .slurm
+        .wait_job(s.id, "end", Duration::from_secs(90), &done);
+    assert_eq!(st, "COMPLETED", "{}", logs());
+    let after = committed_epochs(&images, &s.job);
+    assert!(
+        after.last().copied() > Some(stop_epoch),
+        "no periodic epoch after the restart (stop epoch {stop_epoch}, now {after:?})\n{}",
+        logs()
+    );
+    // Retention keeps 2.
+    wait_until("retention to keep 2", T_JOB, &logs, &|| {
+        committed_epochs(&images, &s.job).len() <= 2
+    });
+    let so = read(&rig.slurm_out(&s));
+    assert_eq!(
+        so.matches("is checkpointed every 1s").count(),
+        2,
+        "{}",
+        logs()
+    );
+    let (want_s, _) = reference.join().unwrap();
+    assert_eq!(
+        result_line(&read(&rig.server_out())),
+        result_line(&want_s),
+        "{}",
+        logs()
+    );
+    rig.wait_epilogs(&s, 4);
+    rig.assert_clean(&s, &[1, 2]);
+}
+
 #[test]
 fn a_job_requeued_before_any_checkpoint_starts_fresh_and_says_so() {
     let name = "a_job_requeued_before_any_checkpoint_starts_fresh_and_says_so";
@@ -970,6 +1031,7 @@ fn an_open_mpi_job_is_checkpointed_requeued_and_restarted_on_another_node() {
     fs::create_dir_all(&job_work).unwrap();
     let s = rig.submit_script(
         None,
+        &[],
         &script,
         &[
             ring.into_os_string(),
