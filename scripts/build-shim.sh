@@ -30,7 +30,8 @@ for mpi in "$@"; do
     fi
     # shellcheck disable=SC2086
     cargo build -q $flag -p ckpt-mpi-shim --features "$mpi" --target-dir "target/shim-$mpi"
-    cp "target/shim-$mpi/$profile/libckpt_mpi_shim.so" "$out/libckpt_mpi_shim_$mpi.so.tmp"
-    mv "$out/libckpt_mpi_shim_$mpi.so.tmp" "$out/libckpt_mpi_shim_$mpi.so"
+    # A private temp name: concurrent builds (parallel tests) must not meet.
+    cp "target/shim-$mpi/$profile/libckpt_mpi_shim.so" "$out/libckpt_mpi_shim_$mpi.so.tmp.$$"
+    mv -f "$out/libckpt_mpi_shim_$mpi.so.tmp.$$" "$out/libckpt_mpi_shim_$mpi.so"
     echo "$out/libckpt_mpi_shim_$mpi.so"
 done

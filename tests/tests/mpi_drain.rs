@@ -32,25 +32,25 @@ use ckpt_e2e::{example, require, result_line, text, Prereq};
 const T: Duration = Duration::from_secs(90);
 const JOB_NETWORK: &str = "10.79.0.0/16";
 
-/// The Open MPI shim, built (or the build that exists, if another engineer
-/// is mid-edit of mpi-shim/src), copied next to `ckpt_job`.
+/// The Open MPI shim, built once per test process (the tests run in
+/// parallel), copied next to `ckpt_job`.
 fn install_shim(ckpt_job: &Path) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let built = root.join("target/shim/libckpt_mpi_shim_openmpi.so");
-    let st = Command::new(root.join("scripts/build-shim.sh"))
-        .arg("openmpi")
-        .current_dir(&root)
-        .status()
-        .unwrap();
-    assert!(
-        st.success() || built.exists(),
-        "scripts/build-shim.sh openmpi failed"
-    );
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let st = Command::new(root.join("scripts/build-shim.sh"))
+            .arg("openmpi")
+            .current_dir(&root)
+            .status()
+            .unwrap();
+        assert!(st.success(), "scripts/build-shim.sh openmpi failed");
+        root.join("target/shim/libckpt_mpi_shim_openmpi.so")
+    });
     let to = ckpt_job
         .parent()
         .unwrap()
         .join("libckpt_mpi_shim_openmpi.so");
-    fs::copy(&built, &to).unwrap();
+    fs::copy(built, &to).unwrap();
     to
 }
 
