@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 pub use tempfile::TempDir;
 
+pub mod bench;
 pub mod cluster;
 pub mod daemons;
 pub mod slurm;
@@ -84,7 +85,8 @@ fn missing(p: Prereq) -> Option<String> {
     }
 }
 
-fn criu_bin() -> String {
+/// The CRIU binary the bootstrap installs, else `criu` on PATH.
+pub fn criu_bin() -> String {
     if Path::new("/usr/local/sbin/criu").exists() {
         "/usr/local/sbin/criu".into()
     } else {

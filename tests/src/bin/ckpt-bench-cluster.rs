@@ -25,8 +25,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -36,29 +35,8 @@ use ckpt_e2e::{example, require, Prereq};
 
 const JOB: &str = "bench";
 
-fn criu() -> String {
-    if Path::new("/usr/local/sbin/criu").exists() {
-        "/usr/local/sbin/criu".into()
-    } else {
-        "criu".into()
-    }
-}
-
-fn settle() {
-    let _ = Command::new("sync").status();
-    let _ = fs::write("/proc/sys/vm/drop_caches", "3\n");
-    sleep(Duration::from_millis(200));
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
+use ckpt_e2e::bench::{median, settle};
+use ckpt_e2e::criu_bin as criu;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

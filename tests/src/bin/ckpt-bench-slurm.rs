@@ -32,7 +32,7 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -53,29 +53,8 @@ wait
 
 const T_WAIT: Duration = Duration::from_secs(300);
 
-fn criu() -> String {
-    if Path::new("/usr/local/sbin/criu").exists() {
-        "/usr/local/sbin/criu".into()
-    } else {
-        "criu".into()
-    }
-}
-
-fn settle() {
-    let _ = Command::new("sync").status();
-    let _ = fs::write("/proc/sys/vm/drop_caches", "3\n");
-    sleep(Duration::from_millis(200));
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
+use ckpt_e2e::bench::{median, settle};
+use ckpt_e2e::criu_bin as criu;
 
 fn wait_until(what: &str, logs: &dyn Fn() -> String, ok: &mut dyn FnMut() -> bool) {
     let t0 = Instant::now();
